@@ -1,0 +1,3 @@
+fn main() -> anyhow::Result<()> {
+    anyhow::bail!("wallaroo-connector-operator: not built yet")
+}
