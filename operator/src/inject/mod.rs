@@ -218,4 +218,4 @@ pub fn inject_pod(
 }
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;

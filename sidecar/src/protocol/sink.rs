@@ -202,6 +202,13 @@ impl SinkSession {
         }
     }
 
+    /// Staging failed at the target: the open round must not commit.
+    pub fn poison(&mut self, reason: String) {
+        if self.force_abort.is_none() {
+            self.force_abort = Some(reason);
+        }
+    }
+
     /// The integration's answer to `Recover`.
     pub fn recovered(&mut self, r: Recovery) {
         if self.phase != Phase::Recovering {

@@ -1,1 +1,2 @@
-
+//! The worker's side of both protocol directions, for tests, benchmarks and `wallaroo-connector sim-worker`.
+pub mod cli;

@@ -1,1 +1,23 @@
+//! Sink integrations, one folder per kind. Each implements [`SinkIntegration`]; [`build`] picks one from the
+//! manifest and connects it.
+use std::sync::Arc;
 
+use wallaroo_crds::SinkSpec;
+
+use crate::runtime::sink_api::{SinkError, SinkIntegration};
+use crate::runtime::{Health, Metrics};
+
+pub mod file;
+pub mod udp;
+
+/// Builds (and connects) the integration for the (validated) sink spec.
+pub async fn build(spec: &SinkSpec, health: Health, metrics: Metrics) -> Result<Arc<dyn SinkIntegration>, SinkError> {
+    let _ = &metrics;
+    if let Some(c) = &spec.udp {
+        return Ok(Arc::new(udp::UdpSink::connect(c.clone(), health).await?));
+    }
+    if let Some(c) = &spec.file {
+        return Ok(Arc::new(file::FileSink::open(c.clone(), health)?));
+    }
+    Err(SinkError::Permanent(format!("spec.sink: kind {:?} is not available in this build", spec.kind_names())))
+}
