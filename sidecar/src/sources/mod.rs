@@ -15,8 +15,5 @@ pub fn build(spec: &SourceSpec) -> Result<Box<dyn SourceIntegration>, SourceErro
     if let Some(c) = &spec.file {
         return Ok(Box::new(file::FileSource::new(c.clone())));
     }
-    Err(SourceError::Config(format!(
-        "spec.source: kind {:?} is not available in this build",
-        spec.kind_names()
-    )))
+    Err(SourceError::Config(format!("spec.source: kind {:?} is not available in this build", spec.kind_names())))
 }
