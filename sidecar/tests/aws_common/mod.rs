@@ -7,8 +7,8 @@ use wallaroo_crds::SecretValue;
 
 pub const ENDPOINT: &str = "http://127.0.0.1:5000";
 pub const REGION: &str = "us-east-1";
-const KEY_VAR: &str = "WALLAROO_TEST_AWS_KEY_ID";
-const SECRET_VAR: &str = "WALLAROO_TEST_AWS_SECRET";
+pub const KEY_VAR: &str = "WALLAROO_TEST_AWS_KEY_ID";
+pub const SECRET_VAR: &str = "WALLAROO_TEST_AWS_SECRET";
 
 static ENV: Once = Once::new();
 
@@ -129,4 +129,62 @@ pub async fn read_all(k: &aws_sdk_kinesis::Client, stream: &str) -> Vec<(String,
         }
     }
     out
+}
+
+/// The connector binary as a child process, so a test can `kill -9` it.
+pub struct Sidecar {
+    child: std::process::Child,
+}
+
+impl Sidecar {
+    /// Starts `wallaroo-connector run -f <manifest>` with the test credentials in its environment.
+    pub fn start(dir: &std::path::Path, manifest: &str) -> Self {
+        let path = dir.join(format!("manifest-{:08x}.yaml", rand::random::<u32>()));
+        std::fs::write(&path, manifest).unwrap();
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(dir.join("sidecar.log"))
+            .unwrap();
+        let child = std::process::Command::new(env!("CARGO_BIN_EXE_wallaroo-connector"))
+            .args(["run", "-f"])
+            .arg(&path)
+            .args(["--admin-addr", "127.0.0.1:0"])
+            .env(KEY_VAR, "testing")
+            .env(SECRET_VAR, "testing")
+            .env("RUST_LOG", "info")
+            .stdout(std::process::Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        Self { child }
+    }
+
+    /// SIGKILL: no drain, no clean-up, nothing flushed.
+    pub fn kill9(mut self) {
+        self.child.kill().unwrap();
+        self.child.wait().unwrap();
+    }
+
+    /// SIGTERM and wait for a clean exit.
+    pub fn stop(mut self) {
+        // SAFETY: signalling our own child by its pid.
+        unsafe {
+            libc_kill(self.child.id() as i32, 15);
+        }
+        let status = self.child.wait().unwrap();
+        assert!(status.success(), "sidecar exited with {status}");
+    }
+}
+
+impl Drop for Sidecar {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+unsafe extern "C" {
+    #[link_name = "kill"]
+    fn libc_kill(pid: i32, sig: i32) -> i32;
 }
