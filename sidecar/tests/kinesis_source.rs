@@ -362,6 +362,41 @@ async fn latest_skips_what_was_there_before() {
         got,
         (20..25).map(|i| format!("msg-{i}")).collect::<Vec<_>>()
     );
+    // The worker rewinds to the beginning before acknowledging anything: the records read since the LATEST
+    // start come again (LATEST again would lose them).
+    let name = stream_name(&stream, &shard);
+    let id = stream_id_for(name.as_bytes());
+    let before = h.events.len();
+    h.restart(id, Position::Beginning).await;
+    h.run_until(30, |h| {
+        h.events[before..]
+            .iter()
+            .map(|e| {
+                if let Event::Records(_, r) = e {
+                    r.len()
+                } else {
+                    0
+                }
+            })
+            .sum::<usize>()
+            >= 5
+    })
+    .await;
+    let again: Vec<String> = h.events[before..]
+        .iter()
+        .filter_map(|e| {
+            if let Event::Records(_, r) = e {
+                Some(payloads(r))
+            } else {
+                None
+            }
+        })
+        .flatten()
+        .collect();
+    assert_eq!(
+        again,
+        (20..25).map(|i| format!("msg-{i}")).collect::<Vec<_>>()
+    );
     h.kill();
 }
 

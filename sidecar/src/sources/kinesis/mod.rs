@@ -157,7 +157,15 @@ impl Source {
         let start = match from {
             Position::Beginning => {
                 if self.graph.is_initial(&run.shard) && self.cfg.start_from == StartFrom::Latest {
-                    StartAt::Latest
+                    let first = match run.seqs.lock() {
+                        Ok(m) => m.first_key_value().map(|(_, s)| s.clone()),
+                        Err(e) => e.into_inner().first_key_value().map(|(_, s)| s.clone()),
+                    };
+                    // A rewind to the beginning after a LATEST start replays from the first record read.
+                    match first {
+                        Some(seq) => StartAt::AtSequence(seq),
+                        None => StartAt::Latest,
+                    }
                 } else {
                     StartAt::TrimHorizon
                 }

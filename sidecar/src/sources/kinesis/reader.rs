@@ -31,6 +31,9 @@ const GET_LIMIT: i32 = 10_000;
 pub enum StartAt {
     TrimHorizon,
     Latest,
+    /// At a record we know: the first one read after a LATEST start, when the worker rewinds to the beginning
+    /// before acknowledging anything (LATEST again would skip what was read since).
+    AtSequence(String),
     /// Exactly after a record we know (from the [`SeqMap`]); the clock continues after `por`.
     AfterSequence {
         seq: String,
@@ -71,6 +74,9 @@ impl Reader {
         let req = match start {
             StartAt::TrimHorizon => req.shard_iterator_type(ShardIteratorType::TrimHorizon),
             StartAt::Latest => req.shard_iterator_type(ShardIteratorType::Latest),
+            StartAt::AtSequence(seq) => req
+                .shard_iterator_type(ShardIteratorType::AtSequenceNumber)
+                .starting_sequence_number(seq),
             StartAt::AfterSequence { seq, .. } => req
                 .shard_iterator_type(ShardIteratorType::AfterSequenceNumber)
                 .starting_sequence_number(seq),
