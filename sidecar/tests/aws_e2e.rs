@@ -323,3 +323,70 @@ async fn kinesis_source_restarts() {
     });
     sidecar.stop();
 }
+
+#[tokio::test]
+async fn kinesis_sink_through_the_runtime() {
+    let k = aws_common::kinesis().await;
+    let stream = aws_common::unique("e2e-sink");
+    aws_common::create_stream(&k, &stream, 2).await;
+    let (port, metrics) = (common::free_port(), common::free_port());
+    let (id, secret) = aws_common::creds();
+    let manifest = format!(
+        r#"
+apiVersion: wallaroo.dev/v1alpha1
+kind: Connector
+metadata: {{name: kinesis-sink-e2e}}
+spec:
+  connectorName: kinesis_sink_e2e
+  metricsPort: {metrics}
+  worker: {{host: 127.0.0.1, port: {port}}}
+  sink:
+    kinesis:
+      stream: {stream}
+      region: {region}
+      endpoint: {endpoint}
+      format: lengthPrefixed
+      accessKeyIdFrom: {{env: {key}}}
+      secretAccessKeyFrom: {{env: {secret}}}
+"#,
+        region = aws_common::REGION,
+        endpoint = aws_common::ENDPOINT,
+        key = id.unwrap().env.unwrap(),
+        secret = secret.unwrap().env.unwrap(),
+    );
+    let running = common::spawn(common::connector(&manifest));
+    let mut w = connect_sink(port, "w").await;
+    for i in 0..120 {
+        let key = format!("k{}", i % 4);
+        let value = format!("v{i}");
+        let mut p = (key.len() as u32).to_be_bytes().to_vec();
+        p.extend_from_slice(key.as_bytes());
+        p.extend_from_slice(value.as_bytes());
+        w.send(&p).await.unwrap();
+    }
+    // Phase 1 votes commit only once Kinesis acknowledged everything staged.
+    assert_eq!(w.checkpoint().await.unwrap(), RoundOutcome::Committed);
+    let landed = aws_common::read_all(&k, &stream).await;
+    assert_eq!(landed.len(), 120);
+    let mut per_key: HashMap<String, Vec<usize>> = HashMap::new();
+    for (_, key, data) in landed {
+        let i: usize = std::str::from_utf8(&data).unwrap()[1..].parse().unwrap();
+        assert_eq!(key, format!("k{}", i % 4));
+        per_key.entry(key).or_default().push(i);
+    }
+    for (key, v) in per_key {
+        assert_eq!(
+            v,
+            (0..120)
+                .filter(|i| format!("k{}", i % 4) == key)
+                .collect::<Vec<_>>(),
+            "{key}"
+        );
+    }
+    running.stop.cancel();
+    tokio::time::timeout(Duration::from_secs(30), running.task)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+}

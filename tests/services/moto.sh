@@ -23,7 +23,13 @@ fi
 mkdir -p "${CACHE}"
 if [ ! -x "${VENV}/bin/moto_server" ] || ! "${VENV}/bin/python" -c "import moto,sys; sys.exit(moto.__version__ != '${MOTO_VERSION}')" 2>/dev/null; then
   echo "moto: installing moto[server]==${MOTO_VERSION} into ${VENV}"
-  python3 -m venv "${VENV}"
+  if ! python3 -m venv "${VENV}" 2>/dev/null; then
+    # Debian splits ensurepip out of python3.
+    echo "moto: installing python3-venv"
+    apt-get update -qq && apt-get install -y -qq python3-venv >/dev/null
+    rm -rf "${VENV}"
+    python3 -m venv "${VENV}"
+  fi
   "${VENV}/bin/pip" install --quiet --upgrade pip
   "${VENV}/bin/pip" install --quiet "moto[server]==${MOTO_VERSION}"
 fi
