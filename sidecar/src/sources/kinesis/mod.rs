@@ -120,6 +120,7 @@ impl Source {
                 });
             }
             Err((false, m)) => {
+                ctx.metrics.error("transient", "list_shards");
                 ctx.health.set_external(false);
                 ctx.metrics.external_connected.set(0);
                 tracing::warn!(stream = %self.cfg.stream, error = %m, "shard discovery failed; retrying");
@@ -199,6 +200,7 @@ impl Source {
             closed: self.closed.clone(),
             poll: Duration::from_millis(self.cfg.poll_interval_ms.unwrap_or(200).max(1)),
             health: ctx.health.clone(),
+            metrics: ctx.metrics.clone(),
         };
         run.task = Some(tokio::spawn(reader.run()));
     }

@@ -12,8 +12,8 @@ use tokio::sync::mpsc;
 
 use super::por::{PorClock, resume_ms, seq_cmp};
 use crate::aws::classify;
-use crate::runtime::Health;
 use crate::runtime::source_api::{Emit, Record, SourceError};
+use crate::runtime::{Health, Metrics};
 
 /// Unacknowledged points of reference of one shard and their sequence numbers (bounded).
 pub type SeqMap = Arc<Mutex<BTreeMap<u64, String>>>;
@@ -55,6 +55,7 @@ pub struct Reader {
     pub closed: Closed,
     pub poll: Duration,
     pub health: Health,
+    pub metrics: Metrics,
 }
 
 fn transient(what: &str, e: impl std::fmt::Display) -> SourceError {
@@ -126,6 +127,10 @@ impl Reader {
                         Ok(Some(it)) => it,
                         Ok(None) => return self.end().await,
                         Err((permanent, e)) => {
+                            self.metrics.error(
+                                if permanent { "permanent" } else { "transient" },
+                                "get_shard_iterator",
+                            );
                             if permanent {
                                 return Err(e);
                             }
@@ -149,6 +154,14 @@ impl Reader {
                 Ok(out) => out,
                 Err(e) => {
                     let c = classify(&format!("GetRecords {}", self.shard), &e);
+                    self.metrics.error(
+                        if c.permanent {
+                            "permanent"
+                        } else {
+                            "transient"
+                        },
+                        "get_records",
+                    );
                     match c.code.as_deref() {
                         // The iterator is older than 5 minutes: get a new one after the last record seen.
                         Some("ExpiredIteratorException") => {}
