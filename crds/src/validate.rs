@@ -60,6 +60,24 @@ impl Check {
         }
         self.secret(&format!("{field}From"), secret);
     }
+    /// AWS static credentials: both secret references or neither (the default credential chain).
+    fn aws_keys(&mut self, base: &str, id: &Option<SecretValue>, secret: &Option<SecretValue>) {
+        self.secret(&format!("{base}.accessKeyIdFrom"), id);
+        self.secret(&format!("{base}.secretAccessKeyFrom"), secret);
+        if id.is_some() != secret.is_some() {
+            self.fail(
+                format!("{base}.{}", if id.is_some() { "secretAccessKeyFrom" } else { "accessKeyIdFrom" }),
+                "set both accessKeyIdFrom and secretAccessKeyFrom, or neither to use the default AWS credential chain",
+            );
+        }
+    }
+    fn endpoint(&mut self, field: &str, e: &Option<String>) {
+        if let Some(e) = e
+            && !(e.starts_with("http://") || e.starts_with("https://"))
+        {
+            self.fail(field, format!("{e:?} is not a URL; e.g. https://s3.example.com or http://127.0.0.1:5000"));
+        }
+    }
     fn identifier(&mut self, field: &str, v: &str) {
         let ok = !v.is_empty()
             && v.split('.').all(|part| {
@@ -160,8 +178,11 @@ fn check_source(c: &mut Check, s: &SourceSpec) {
     if let Some(k) = &s.kinesis {
         c.non_empty("spec.source.kinesis.stream", &k.stream, "the Kinesis stream name");
         c.non_empty("spec.source.kinesis.region", &k.region, "e.g. us-east-1");
-        c.secret("spec.source.kinesis.accessKeyIdFrom", &k.access_key_id_from);
-        c.secret("spec.source.kinesis.secretAccessKeyFrom", &k.secret_access_key_from);
+        c.aws_keys("spec.source.kinesis", &k.access_key_id_from, &k.secret_access_key_from);
+        c.endpoint("spec.source.kinesis.endpoint", &k.endpoint);
+        if k.poll_interval_ms == Some(0) {
+            c.fail("spec.source.kinesis.pollIntervalMs", "must be at least 1");
+        }
     }
     if let Some(r) = &s.rabbitmq {
         c.one_of_inline("spec.source.rabbitmq.url", &r.url, &r.url_from, "amqp://guest:guest@127.0.0.1:5672/%2f");
@@ -229,8 +250,8 @@ fn check_sink(c: &mut Check, s: &SinkSpec) {
         c.non_empty("spec.sink.s3.bucket", &s3.bucket, "the target bucket");
         c.non_empty("spec.sink.s3.region", &s3.region, "e.g. us-east-1");
         c.key_field("spec.sink.s3", s3.format, &s3.key_field, s3.object_per == crate::ObjectPer::Message);
-        c.secret("spec.sink.s3.accessKeyIdFrom", &s3.access_key_id_from);
-        c.secret("spec.sink.s3.secretAccessKeyFrom", &s3.secret_access_key_from);
+        c.aws_keys("spec.sink.s3", &s3.access_key_id_from, &s3.secret_access_key_from);
+        c.endpoint("spec.sink.s3.endpoint", &s3.endpoint);
     }
     if let Some(r) = &s.redis_hash {
         c.one_of_inline("spec.sink.redisHash.url", &r.url, &r.url_from, "redis://127.0.0.1:6379");
@@ -247,7 +268,7 @@ fn check_sink(c: &mut Check, s: &SinkSpec) {
     if let Some(k) = &s.kinesis {
         c.non_empty("spec.sink.kinesis.stream", &k.stream, "the Kinesis stream name");
         c.non_empty("spec.sink.kinesis.region", &k.region, "e.g. us-east-1");
-        c.secret("spec.sink.kinesis.accessKeyIdFrom", &k.access_key_id_from);
-        c.secret("spec.sink.kinesis.secretAccessKeyFrom", &k.secret_access_key_from);
+        c.aws_keys("spec.sink.kinesis", &k.access_key_id_from, &k.secret_access_key_from);
+        c.endpoint("spec.sink.kinesis.endpoint", &k.endpoint);
     }
 }

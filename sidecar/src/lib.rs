@@ -5,6 +5,7 @@
 //! - [`runtime`]: manifest loading, drivers, admin server, metrics, shutdown.
 //! - [`sources`] / [`sinks`]: one folder per integration.
 
+pub mod aws;
 pub mod protocol;
 pub mod runtime;
 pub mod sim;

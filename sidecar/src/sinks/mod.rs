@@ -8,6 +8,9 @@ use crate::runtime::sink_api::{SinkError, SinkIntegration};
 use crate::runtime::{Health, Metrics};
 
 pub mod file;
+pub mod kinesis;
+pub mod payload;
+pub mod s3;
 pub mod udp;
 
 /// Builds (and connects) the integration for the (validated) sink spec.
@@ -18,6 +21,12 @@ pub async fn build(spec: &SinkSpec, health: Health, metrics: Metrics) -> Result<
     }
     if let Some(c) = &spec.file {
         return Ok(Arc::new(file::FileSink::open(c.clone(), health)?));
+    }
+    if let Some(c) = &spec.s3 {
+        return Ok(Arc::new(s3::S3Sink::connect(c.clone(), health).await?));
+    }
+    if let Some(c) = &spec.kinesis {
+        return Ok(Arc::new(kinesis::KinesisSink::connect(c.clone(), health).await?));
     }
     Err(SinkError::Permanent(format!("spec.sink: kind {:?} is not available in this build", spec.kind_names())))
 }
