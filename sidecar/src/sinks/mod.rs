@@ -8,6 +8,8 @@ use crate::runtime::sink_api::{SinkError, SinkIntegration};
 use crate::runtime::{Health, Metrics};
 
 pub mod file;
+pub mod kafka;
+pub mod payload;
 pub mod udp;
 
 /// Builds (and connects) the integration for the (validated) sink spec.
@@ -18,6 +20,9 @@ pub async fn build(spec: &SinkSpec, health: Health, metrics: Metrics) -> Result<
     }
     if let Some(c) = &spec.file {
         return Ok(Arc::new(file::FileSink::open(c.clone(), health)?));
+    }
+    if let Some(c) = &spec.kafka {
+        return Ok(Arc::new(kafka::KafkaSink::connect(c.clone(), health, metrics.clone()).await?));
     }
     Err(SinkError::Permanent(format!("spec.sink: kind {:?} is not available in this build", spec.kind_names())))
 }
