@@ -135,7 +135,10 @@ async fn main() {
             }
         }
         let dt = started.elapsed();
-        println!("(a) plain rdkafka consumer: {n} records ({bytes} bytes) in {dt:.2?} = {:.0} records/s", n as f64 / dt.as_secs_f64());
+        println!(
+            "(a) plain rdkafka consumer: {n} records ({bytes} bytes) in {dt:.2?} = {:.0} records/s",
+            n as f64 / dt.as_secs_f64()
+        );
         n as f64 / dt.as_secs_f64()
     };
 
@@ -168,7 +171,10 @@ spec:
     let connector = wallaroo_crds::parse_connectors(&yaml, "bench").expect("manifest").remove(0);
     let stop = CancellationToken::new();
     let started = Instant::now();
-    let overrides = RunOverrides { admin_addr: Some(SocketAddr::from(([127, 0, 0, 1], 0))), drain_timeout: Some(Duration::from_secs(5)) };
+    let overrides = RunOverrides {
+        admin_addr: Some(SocketAddr::from(([127, 0, 0, 1], 0))),
+        drain_timeout: Some(Duration::from_secs(5)),
+    };
     let task = tokio::spawn(run(connector, overrides, stop.clone()));
     let total = a.records as u64;
     let done = sim.wait_until(Duration::from_secs(600), |s| s.processed_total() >= total).await;

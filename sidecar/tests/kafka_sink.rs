@@ -41,7 +41,10 @@ spec:
 async fn start_sink(yaml: &str, port: u16) -> (CancellationToken, tokio::task::JoinHandle<()>, SocketAddr) {
     let c = wallaroo_crds::parse_connectors(yaml, "test").expect("manifest").remove(0);
     let stop = CancellationToken::new();
-    let overrides = RunOverrides { admin_addr: Some(SocketAddr::from(([127, 0, 0, 1], 0))), drain_timeout: Some(Duration::from_secs(5)) };
+    let overrides = RunOverrides {
+        admin_addr: Some(SocketAddr::from(([127, 0, 0, 1], 0))),
+        drain_timeout: Some(Duration::from_secs(5)),
+    };
     let s = stop.clone();
     let task = tokio::spawn(async move {
         run(c, overrides, s).await.expect("sink run");

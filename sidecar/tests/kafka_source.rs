@@ -67,7 +67,11 @@ async fn delivers_every_message_in_order_per_partition() {
     let (stop, task) = spawn_in_process(&source_manifest(sim.addr(), BROKER, &topic, &group), None);
     // Records produced while the source runs arrive too.
     produce(&p, &topic, 3, 200, 100).await;
-    assert!(sim.wait_until(Duration::from_secs(60), |s| s.processed_total() >= 900).await, "got {}", sim.processed_total());
+    assert!(
+        sim.wait_until(Duration::from_secs(60), |s| s.processed_total() >= 900).await,
+        "got {}",
+        sim.processed_total()
+    );
     for part in 0..3 {
         assert_stream(&sim, &format!("{topic}:{part}"), &expected(part, 0, 300));
     }
@@ -172,7 +176,11 @@ async fn kill_9_then_restart_loses_nothing_and_clean_restart_redelivers_nothing_
     create_topic(BROKER, &topic, parts).await;
     let p = producer(BROKER);
     produce(&p, &topic, parts, 0, 2000).await;
-    let dir = tempfile::Builder::new().prefix("kafka-kill-").disable_cleanup(std::env::var_os("KEEP_LOGS").is_some()).tempdir().unwrap();
+    let dir = tempfile::Builder::new()
+        .prefix("kafka-kill-")
+        .disable_cleanup(std::env::var_os("KEEP_LOGS").is_some())
+        .tempdir()
+        .unwrap();
     eprintln!("logs in {}", dir.path().display());
 
     // 1. Crash mid-stream: every message still arrives (at least once; the worker drops duplicate ids).
@@ -196,7 +204,8 @@ async fn kill_9_then_restart_loses_nothing_and_clean_restart_redelivers_nothing_
         // after that checkpoint may be there twice; in order of first arrival they are exactly the partition.
         let stream = format!("{topic}:{part}");
         let mut seen = std::collections::HashSet::new();
-        let firsts: Vec<(u64, String)> = payloads(&sim, &stream).into_iter().filter(|(id, _)| seen.insert(*id)).collect();
+        let firsts: Vec<(u64, String)> =
+            payloads(&sim, &stream).into_iter().filter(|(id, _)| seen.insert(*id)).collect();
         assert_eq!(firsts.len(), 2500, "{stream}");
         assert!(firsts == expected(part, 0, 2500), "{stream}: records missing or out of order");
     }
@@ -212,7 +221,11 @@ async fn kill_9_then_restart_loses_nothing_and_clean_restart_redelivers_nothing_
     let sim2 = SourceSim::start(SourceSimConfig::default()).await.unwrap();
     std::fs::write(&manifest, source_manifest(sim2.addr(), BROKER, &topic, &group)).unwrap();
     let mut child = spawn_binary(&manifest, &dir.path().join("run3.log"));
-    assert!(sim2.wait_until(Duration::from_secs(90), |s| s.processed_total() >= 200).await, "fresh worker got {}", sim2.processed_total());
+    assert!(
+        sim2.wait_until(Duration::from_secs(90), |s| s.processed_total() >= 200).await,
+        "fresh worker got {}",
+        sim2.processed_total()
+    );
     tokio::time::sleep(Duration::from_millis(500)).await;
     for part in 0..parts {
         assert_stream(&sim2, &format!("{topic}:{part}"), &expected(part, 2500, 2600));

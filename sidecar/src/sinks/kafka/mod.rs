@@ -48,11 +48,7 @@ pub struct KafkaSink {
 
 impl KafkaSink {
     /// Builds the producer and checks that the cluster answers (it may not yet: readiness says so).
-    pub async fn connect(
-        cfg: KafkaSinkConfig,
-        health: Health,
-        metrics: Metrics,
-    ) -> Result<Self, SinkError> {
+    pub async fn connect(cfg: KafkaSinkConfig, health: Health, metrics: Metrics) -> Result<Self, SinkError> {
         let field = "spec.sink.kafka";
         client_config::check_reserved(field, &cfg.properties, RESERVED).map_err(SinkError::Permanent)?;
         let mut client = client_config::base_config(&client_config::Connection {
@@ -67,7 +63,8 @@ impl KafkaSink {
         client.set("enable.idempotence", "true").set("acks", "all");
         // A stable prefix: the same worker gets the same transactional.id after a restart, which fences the
         // old instance and aborts what it left open.
-        let txn_prefix = client.get("transactional.id").map_or_else(|| format!("wallaroo-{}", cfg.topic), str::to_string);
+        let txn_prefix =
+            client.get("transactional.id").map_or_else(|| format!("wallaroo-{}", cfg.topic), str::to_string);
         let shared = if cfg.transactional {
             None
         } else {
@@ -83,16 +80,7 @@ impl KafkaSink {
             probe(&p, &cfg.topic, &health, &metrics).await;
         }
         let mapping = cfg.mapping();
-        Ok(Self {
-            cfg,
-            mapping,
-            client,
-            shared,
-            txn_prefix,
-            health,
-            metrics,
-            workers: Mutex::new(HashMap::new()),
-        })
+        Ok(Self { cfg, mapping, client, shared, txn_prefix, health, metrics, workers: Mutex::new(HashMap::new()) })
     }
 
     fn producer_for(&self, worker: &str) -> Result<RdProducer, SinkError> {

@@ -7,7 +7,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer};
-use rdkafka::{ClientContext, ClientConfig};
+use rdkafka::{ClientConfig, ClientContext};
 use tokio::sync::Mutex;
 
 use super::txn::TxnProducer;
@@ -34,7 +34,9 @@ impl ClientContext for HealthContext {
                 self.health.set_external(false);
                 self.metrics.external_connected.set(0);
             }
-            Some(RDKafkaErrorCode::BrokerTransportFailure) => tracing::debug!(%reason, "broker connection dropped"),
+            Some(RDKafkaErrorCode::BrokerTransportFailure) => {
+                tracing::debug!(%reason, "broker connection dropped")
+            }
             _ => {
                 self.metrics.error("kafka", "sink");
                 tracing::warn!(error = %error, %reason, "kafka client error");

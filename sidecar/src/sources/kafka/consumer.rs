@@ -52,9 +52,16 @@ pub enum StartAt {
 /// From the async side to the consumer thread.
 #[derive(Debug)]
 pub enum Control {
-    Start { tp: Tp, at: StartAt, epoch: u64 },
+    Start {
+        tp: Tp,
+        at: StartAt,
+        epoch: u64,
+    },
     /// Commit `next_offset` (the offset of the next record to read) for `tp` to the group.
-    Commit { tp: Tp, next_offset: i64 },
+    Commit {
+        tp: Tp,
+        next_offset: i64,
+    },
     /// Every partition of the last `Revoking` is drained (or the wait timed out).
     RevokeDone,
     /// Stop handing out records (shutdown): pause everything.
@@ -274,7 +281,9 @@ impl ClientContext for Ctx {
         match error.rdkafka_error_code() {
             Some(RDKafkaErrorCode::AllBrokersDown) => self.set_connected(false),
             // Single connection drops are normal (idle reaping, broker restarts); librdkafka reconnects.
-            Some(RDKafkaErrorCode::BrokerTransportFailure) => tracing::debug!(%reason, "broker connection dropped"),
+            Some(RDKafkaErrorCode::BrokerTransportFailure) => {
+                tracing::debug!(%reason, "broker connection dropped")
+            }
             _ => {
                 self.metrics.error("kafka", "source");
                 tracing::warn!(error = %error, %reason, "kafka client error");
@@ -412,7 +421,9 @@ pub fn run(consumer: BaseConsumer<Ctx>, args: ThreadArgs) -> Result<(), String> 
         let mut n = 0usize;
         let mut wait = POLL_WAIT;
         while n < BATCH {
-            let Some(res) = consumer.poll(wait) else { break };
+            let Some(res) = consumer.poll(wait) else {
+                break;
+            };
             wait = Duration::ZERO;
             let m = match res {
                 Ok(m) => m,
@@ -430,7 +441,9 @@ pub fn run(consumer: BaseConsumer<Ctx>, args: ThreadArgs) -> Result<(), String> 
                 // Not started (or no longer ours): it is paused, the records come again after the seek.
                 _ => continue,
             };
-            let Ok(offset) = u64::try_from(m.offset()) else { continue };
+            let Ok(offset) = u64::try_from(m.offset()) else {
+                continue;
+            };
             let rec = Record {
                 por: offset,
                 key: m.key().map(Bytes::copy_from_slice),
@@ -470,9 +483,9 @@ pub fn run(consumer: BaseConsumer<Ctx>, args: ThreadArgs) -> Result<(), String> 
 /// the consumer keeps polling (serving rebalances and controls, staying in the group) without taking records.
 /// False when the async side is gone.
 fn deliver(ctx: &Ctx, consumer: &BaseConsumer<Ctx>, stash: &mut Vec<Event>) -> bool {
-    let mut events = std::mem::take(stash).into_iter();
+    let events = std::mem::take(stash);
     let mut paused_here = false;
-    while let Some(ev) = events.next() {
+    for ev in events {
         let mut ev = ev;
         loop {
             match ctx.events.try_send(ev) {
@@ -496,7 +509,9 @@ fn deliver(ctx: &Ctx, consumer: &BaseConsumer<Ctx>, stash: &mut Vec<Event>) -> b
                     if let Some(Ok(m)) = consumer.poll(POLL_WAIT) {
                         // A partition started meanwhile may slip one record through before its pause; keep it.
                         let tp = Tp::new(m.topic(), m.partition());
-                        if let (Some(Some(epoch)), Ok(offset)) = (ctx.held().parts.get(&tp).copied(), u64::try_from(m.offset())) {
+                        if let (Some(Some(epoch)), Ok(offset)) =
+                            (ctx.held().parts.get(&tp).copied(), u64::try_from(m.offset()))
+                        {
                             let rec = Record {
                                 por: offset,
                                 key: m.key().map(Bytes::copy_from_slice),

@@ -148,7 +148,9 @@ impl SourceIntegration for KafkaSource {
         drop(group_rx);
         let joined = tokio::task::spawn_blocking(move || thread.join()).await;
         match joined {
-            Ok(Ok(Err(e))) => return Err(SourceError::External { system: "kafka", message: e }),
+            Ok(Ok(Err(e))) => {
+                return Err(SourceError::External { system: "kafka", message: e });
+            }
             Ok(Err(_)) | Err(_) => {
                 return Err(SourceError::External { system: "kafka", message: "the consumer thread panicked".into() });
             }

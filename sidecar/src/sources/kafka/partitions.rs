@@ -127,7 +127,11 @@ impl Book {
                     (Position::Beginning, Some(b)) => Position::After(b),
                     (f, None) => f,
                 };
-                out.push(Out::Control(Control::Start { tp: tp.clone(), at: start_at(from, start_from), epoch: generation }));
+                out.push(Out::Control(Control::Start {
+                    tp: tp.clone(),
+                    at: start_at(from, start_from),
+                    epoch: generation,
+                }));
             }
         }
         out
@@ -163,9 +167,14 @@ impl Book {
         if !done {
             return Vec::new();
         }
-        let Some(r) = self.revoke.take() else { return Vec::new() };
+        let Some(r) = self.revoke.take() else {
+            return Vec::new();
+        };
         if !r.waiting.is_empty() {
-            tracing::warn!(streams = r.waiting.len(), "revoke drain timed out; unacknowledged records will be re-read by the new owner");
+            tracing::warn!(
+                streams = r.waiting.len(),
+                "revoke drain timed out; unacknowledged records will be re-read by the new owner"
+            );
         }
         for tp in &r.tps {
             let (_, p) = self.part(tp);
@@ -182,14 +191,22 @@ impl Book {
         let mut out = Vec::new();
         match cmd {
             Command::Start { stream, from, generation } => {
-                let Some(p) = self.parts.get_mut(&stream) else { return out };
+                let Some(p) = self.parts.get_mut(&stream) else {
+                    return out;
+                };
                 p.granted = Some((generation, from));
                 if p.owned && !p.draining && !self.stopping {
-                    out.push(Out::Control(Control::Start { tp: p.tp.clone(), at: start_at(from, start_from), epoch: generation }));
+                    out.push(Out::Control(Control::Start {
+                        tp: p.tp.clone(),
+                        at: start_at(from, start_from),
+                        epoch: generation,
+                    }));
                 }
             }
             Command::Durable { stream, through } => {
-                let Some(p) = self.parts.get_mut(&stream) else { return out };
+                let Some(p) = self.parts.get_mut(&stream) else {
+                    return out;
+                };
                 p.acked = Some(p.acked.map_or(through, |a| a.max(through)));
                 let next = i64::try_from(through.saturating_add(1)).unwrap_or(i64::MAX);
                 // Only the member holding the partition may commit for it; never move the group backwards.
@@ -199,7 +216,9 @@ impl Book {
                 }
             }
             Command::Finished { stream } => {
-                let Some(p) = self.parts.get_mut(&stream) else { return out };
+                let Some(p) = self.parts.get_mut(&stream) else {
+                    return out;
+                };
                 p.granted = None;
                 if p.draining {
                     if let Some(r) = self.revoke.as_mut() {
