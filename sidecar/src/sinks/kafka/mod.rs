@@ -65,20 +65,16 @@ impl KafkaSink {
         // old instance and aborts what it left open.
         let txn_prefix =
             client.get("transactional.id").map_or_else(|| format!("wallaroo-{}", cfg.topic), str::to_string);
-        let shared = if cfg.transactional {
-            None
-        } else {
-            let p = producer::create(&client, health.clone(), metrics.clone())?;
-            probe(&p, &cfg.topic, &health, &metrics).await;
-            Some(p)
-        };
-        if cfg.transactional {
-            // Probe with a throwaway non-transactional client so /readyz is right before the first worker.
-            let mut probe_cfg = client.clone();
-            probe_cfg.remove("transactional.id");
-            let p = producer::create(&probe_cfg, health.clone(), metrics.clone())?;
-            probe(&p, &cfg.topic, &health, &metrics).await;
+        // A plain (non-transactional) client: the shared producer, or only a health probe in transactional mode.
+        let mut plain_cfg = client.clone();
+        plain_cfg.remove("transactional.id");
+        let plain = producer::create(&plain_cfg, health.clone(), metrics.clone())?;
+        probe(&plain, &cfg.topic, &health, &metrics).await;
+        if !health.external() {
+            tracing::warn!(brokers = ?cfg.brokers, "the Kafka cluster does not answer yet; not ready until it does");
         }
+        watch_health(plain.clone(), cfg.topic.clone(), health.clone(), metrics.clone());
+        let shared = if cfg.transactional { None } else { Some(plain) };
         let mapping = cfg.mapping();
         Ok(Self { cfg, mapping, client, shared, txn_prefix, health, metrics, workers: Mutex::new(HashMap::new()) })
     }
@@ -120,10 +116,27 @@ async fn probe(p: &Rd, topic: &str, health: &Health, metrics: &Metrics) {
         .map(|r| r.is_ok())
         .unwrap_or(false);
     if !ok {
-        tracing::warn!("the Kafka cluster does not answer yet; not ready until it does");
+        tracing::debug!("the Kafka cluster does not answer; not ready until it does");
+    } else if !health.external() {
+        tracing::info!("the Kafka cluster answers");
     }
     health.set_external(ok);
     metrics.external_connected.set(i64::from(ok));
+}
+
+/// While the cluster is marked unreachable, asks it for metadata every two seconds so `/readyz` recovers even
+/// when no records flow. Runs for the life of the process (one metadata request per 2 s, only while down).
+fn watch_health(p: Rd, topic: String, health: Health, metrics: Metrics) {
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_secs(2));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            if !health.external() {
+                probe(&p, &topic, &health, &metrics).await;
+            }
+        }
+    });
 }
 
 #[async_trait::async_trait]
