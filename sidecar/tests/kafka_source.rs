@@ -243,17 +243,42 @@ async fn two_sidecars_in_one_group_split_the_partitions() {
     produce(&p, &topic, 4, 0, 300).await;
     let sim = SourceSim::start(SourceSimConfig::default()).await.unwrap();
     let yaml = source_manifest(sim.addr(), BROKER, &topic, &group);
-    let (stop1, task1) = spawn_in_process(&yaml, None);
-    assert!(sim.wait_until(Duration::from_secs(60), |s| s.processed_total() >= 300).await);
+    let admin1 = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let (stop1, task1) = spawn_in_process(&yaml, Some(admin1));
+    assert!(sim.wait_until(Duration::from_secs(60), |s| s.processed_total() >= 1200).await);
     // A second member joins: partitions are revoked (drained), then split between the two.
     let yaml2 = yaml.replace("instanceName: kafka-test", "instanceName: kafka-test-2");
-    let (stop2, task2) = spawn_in_process(&yaml2, None);
-    produce(&p, &topic, 4, 300, 300).await;
-    let ok = sim.wait_until(Duration::from_secs(90), |s| s.processed_total() >= 2400).await;
-    assert!(ok, "got {} of 2400", sim.processed_total());
-    for part in 0..4 {
-        assert_stream(&sim, &format!("{topic}:{part}"), &expected(part, 0, 600));
+    let admin2 = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let (stop2, task2) = spawn_in_process(&yaml2, Some(admin2));
+    // Both members hold partitions once the group settled: each reports acknowledged streams of the topic.
+    let holds = |admin: SocketAddr, topic: String| async move {
+        let (_, body) = http_get(admin, "/metrics").await.unwrap_or_default();
+        body.lines().filter(|l| l.contains("acked_point_of_reference") && l.contains(&format!("{topic}:"))).count()
+    };
+    let mut split = false;
+    let mut extra = 0;
+    for _ in 0..300 {
+        produce(&p, &topic, 4, 300 + extra, 1).await;
+        extra += 1;
+        if holds(admin2, topic.clone()).await > 0 {
+            split = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    assert!(split, "the second member never received a partition");
+    assert!(holds(admin1, topic.clone()).await > 0, "the first member kept no partition");
+    // Records keep flowing after the split, each exactly once and in order: revoked partitions were drained
+    // (ended, acknowledged, committed) before their new owner started them at the committed offset.
+    let produced = 300 + extra;
+    produce(&p, &topic, 4, produced, 100).await;
+    let total = 4 * (produced + 100) as u64;
+    let ok = sim.wait_until(Duration::from_secs(90), |s| s.processed_total() >= total).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    for part in 0..4 {
+        assert_stream(&sim, &format!("{topic}:{part}"), &expected(part, 0, produced + 100));
+    }
+    assert!(ok, "got {} of {total}", sim.processed_total());
     stop1.cancel();
     stop2.cancel();
     task1.await.unwrap().unwrap();
@@ -261,13 +286,16 @@ async fn two_sidecars_in_one_group_split_the_partitions() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn broker_restart_is_survived_and_readyz_follows() {
-    let port = free_port();
-    let brokers = format!("127.0.0.1:{port}");
+async fn broker_outage_is_survived_and_readyz_follows() {
+    init_tracing();
+    // The sidecar reaches a private broker only through a proxy on the advertised port; stopping the proxy is
+    // a broker outage as clients see it (connections dropped, new ones refused) without losing the topic.
+    let (port, public) = (free_port(), free_port());
+    let brokers = format!("127.0.0.1:{public}");
     let dir = tempfile::tempdir().unwrap();
-    let log = dir.path().join("tansu.log");
-    let mut broker = start_tansu(port, &log);
+    let mut broker = start_tansu(port, public, &dir.path().join("tansu.log"));
     wait_port(port).await;
+    let proxy = Proxy::start(public, port).await;
     let topic = unique("src-broker");
     let group = unique("g");
     create_topic(&brokers, &topic, 1).await;
@@ -289,17 +317,19 @@ async fn broker_restart_is_survived_and_readyz_follows() {
     };
     assert!(ready(200).await, "not ready while the broker is up");
 
-    broker.kill().unwrap();
-    broker.wait().unwrap();
+    proxy.stop().await;
     assert!(ready(503).await, "/readyz still 200 with the broker gone");
 
-    let mut broker = start_tansu(port, &log);
-    wait_port(port).await;
+    let proxy = Proxy::start(public, port).await;
     assert!(ready(200).await, "/readyz did not recover after the broker came back");
-    // The worker connection stayed up throughout; only the external side went away and came back.
-    assert_eq!(sim.stats().connections, 1);
+    // Records produced after the outage flow again, after the ones before it, each once.
+    produce(&p, &topic, 1, 10, 10).await;
+    assert!(sim.wait_until(Duration::from_secs(60), |s| s.processed_total() >= 20).await);
+    assert_stream(&sim, &format!("{topic}:0"), &expected(0, 0, 20));
+    assert_eq!(sim.stats().connections, 1, "the worker connection stayed up throughout");
     stop.cancel();
     task.await.unwrap().unwrap();
+    proxy.stop().await;
     broker.kill().unwrap();
     broker.wait().unwrap();
 }

@@ -15,8 +15,17 @@ use rdkafka::{Offset, TopicPartitionList};
 
 pub const BROKER: &str = "127.0.0.1:9092";
 
+/// Logs of the in-process connector, filtered by RUST_LOG (shown for failing tests).
+pub fn init_tracing() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_test_writer()
+        .try_init();
+}
+
 /// Fails loudly when the broker is not there: the CI starts it with `tests/services/kafka.sh`.
 pub fn require_broker(addr: &str) {
+    init_tracing();
     let ok = std::net::TcpStream::connect_timeout(&addr.parse().unwrap(), Duration::from_secs(2)).is_ok();
     assert!(ok, "no Kafka broker at {addr}: run tests/services/kafka.sh first");
 }
@@ -142,17 +151,24 @@ pub fn free_port() -> u16 {
 
 /// `GET path` on the admin server; the status code, or None when nothing answers.
 pub async fn http_status(addr: SocketAddr, path: &str) -> Option<u16> {
+    http_get(addr, path).await.map(|(status, _)| status)
+}
+
+/// `GET path` on the admin server: status code and body.
+pub async fn http_get(addr: SocketAddr, path: &str) -> Option<(u16, String)> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut s = tokio::time::timeout(Duration::from_secs(2), tokio::net::TcpStream::connect(addr)).await.ok()?.ok()?;
     s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes()).await.ok()?;
     let mut buf = Vec::new();
     tokio::time::timeout(Duration::from_secs(2), s.read_to_end(&mut buf)).await.ok()?.ok()?;
-    let text = String::from_utf8_lossy(&buf);
-    text.split_whitespace().nth(1)?.parse().ok()
+    let text = String::from_utf8_lossy(&buf).into_owned();
+    let status = text.split_whitespace().nth(1)?.parse().ok()?;
+    let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+    Some((status, body))
 }
 
-/// A private tansu on `port` (for tests that stop the broker).
-pub fn start_tansu(port: u16, log: &std::path::Path) -> Child {
+/// A private tansu listening on `port` and advertising `advertised` (for tests that cut the broker off).
+pub fn start_tansu(port: u16, advertised: u16, log: &std::path::Path) -> Child {
     let bin = std::env::var("TANSU").unwrap_or_else(|_| {
         format!("{}/.cache/wallaroo-connectors/tools/bin/tansu", std::env::var("HOME").unwrap_or_default())
     });
@@ -166,7 +182,7 @@ pub fn start_tansu(port: u16, log: &std::path::Path) -> Child {
             "--listener-url",
             &format!("tcp://127.0.0.1:{port}"),
             "--advertised-listener-url",
-            &format!("tcp://127.0.0.1:{port}"),
+            &format!("tcp://127.0.0.1:{advertised}"),
         ])
         .stdout(Stdio::from(out.try_clone().unwrap()))
         .stderr(Stdio::from(out))
@@ -182,4 +198,49 @@ pub async fn wait_port(port: u16) {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     panic!("nothing listens on {port}");
+}
+
+/// A TCP proxy standing in for the broker's network presence: stopping it drops every client connection and
+/// refuses new ones, exactly what clients see of a stopped broker, while the broker keeps its data. (Restarting
+/// the in-memory test broker itself would also delete its topics; tansu 0.6 then answers fetches with a null
+/// topic name and a zero topic id, which crashes librdkafka 2.12's metadata cache, see docs/kafka-source.md.)
+pub struct Proxy {
+    stop: tokio_util::sync::CancellationToken,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Proxy {
+    pub async fn start(listen: u16, target: u16) -> Proxy {
+        let listener = loop {
+            match tokio::net::TcpListener::bind(("127.0.0.1", listen)).await {
+                Ok(l) => break l,
+                Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+            }
+        };
+        let stop = tokio_util::sync::CancellationToken::new();
+        let token = stop.clone();
+        let task = tokio::spawn(async move {
+            loop {
+                let (mut client, _) = tokio::select! {
+                    r = listener.accept() => match r { Ok(c) => c, Err(_) => continue },
+                    _ = token.cancelled() => return,
+                };
+                let token = token.clone();
+                tokio::spawn(async move {
+                    let Ok(mut server) = tokio::net::TcpStream::connect(("127.0.0.1", target)).await else { return };
+                    tokio::select! {
+                        _ = tokio::io::copy_bidirectional(&mut client, &mut server) => {}
+                        _ = token.cancelled() => {}
+                    }
+                });
+            }
+        });
+        Proxy { stop, task }
+    }
+
+    /// Closes the listener and every proxied connection.
+    pub async fn stop(self) {
+        self.stop.cancel();
+        let _ = self.task.await;
+    }
 }

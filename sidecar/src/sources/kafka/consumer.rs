@@ -213,9 +213,14 @@ impl Ctx {
                 match consumer.committed_offsets(tpl, Duration::from_secs(10)) {
                     Ok(c) => match c.find_partition(&tp.topic, tp.partition).map(|e| e.offset()) {
                         Some(Offset::Offset(o)) => Offset::Offset(o),
-                        _ => match from {
-                            StartFrom::Earliest => Offset::Beginning,
-                            StartFrom::Latest => Offset::End,
+                        _ => match absolute_start(consumer, &tp, from) {
+                            Ok(o) => Offset::Offset(o),
+                            Err(e) => {
+                                self.metrics.error("offset_fetch", "source");
+                                tracing::warn!(topic = %tp.topic, partition = tp.partition, error = %e, "cannot read the partition's offsets; retrying");
+                                self.held().retry.push((Instant::now() + Duration::from_secs(1), tp, at, epoch));
+                                return;
+                            }
                         },
                     },
                     Err(e) => {
@@ -262,6 +267,15 @@ impl Ctx {
     }
 }
 
+/// `startFrom` as an absolute offset (never a logical one: see the assignment callback).
+fn absolute_start(consumer: &BaseConsumer<Ctx>, tp: &Tp, from: StartFrom) -> Result<i64, KafkaError> {
+    let (low, high) = consumer.fetch_watermarks(&tp.topic, tp.partition, Duration::from_secs(10))?;
+    Ok(match from {
+        StartFrom::Earliest => low,
+        StartFrom::Latest => high,
+    })
+}
+
 fn started_list(held: &Held) -> TopicPartitionList {
     let mut tpl = TopicPartitionList::new();
     for (tp, epoch) in &held.parts {
@@ -298,10 +312,18 @@ impl ConsumerContext for Ctx {
         match err {
             RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => {
                 let tps = tps_of(tpl);
-                // A logical start offset makes librdkafka start the fetcher without a committed-offset lookup
-                // (which could finish after our seek and override it); the pause below stops it at once.
+                // Start every fetcher at an absolute offset (the log end): a logical one (stored, beginning,
+                // end) makes librdkafka look the offset up asynchronously, and a late answer would override
+                // the seek to the worker's position and skip records. The pause below stops it at once.
                 for tp in &tps {
-                    let _ = tpl.set_partition_offset(&tp.topic, tp.partition, Offset::End);
+                    let at = match consumer.fetch_watermarks(&tp.topic, tp.partition, Duration::from_secs(10)) {
+                        Ok((_, high)) => Offset::Offset(high),
+                        Err(e) => {
+                            tracing::warn!(topic = %tp.topic, partition = tp.partition, error = %e, "cannot read the log end; starting paused at a logical offset");
+                            Offset::End
+                        }
+                    };
+                    let _ = tpl.set_partition_offset(&tp.topic, tp.partition, at);
                 }
                 let r = if cooperative { consumer.incremental_assign(tpl) } else { consumer.assign(tpl) };
                 if let Err(e) = r {
@@ -439,7 +461,10 @@ pub fn run(consumer: BaseConsumer<Ctx>, args: ThreadArgs) -> Result<(), String> 
             let epoch = match ctx.held().parts.get(&tp) {
                 Some(Some(e)) => *e,
                 // Not started (or no longer ours): it is paused, the records come again after the seek.
-                _ => continue,
+                _ => {
+                    tracing::debug!(topic = %tp.topic, partition = tp.partition, offset = m.offset(), "record of a partition not started; dropped");
+                    continue;
+                }
             };
             let Ok(offset) = u64::try_from(m.offset()) else {
                 continue;
@@ -454,6 +479,16 @@ pub fn run(consumer: BaseConsumer<Ctx>, args: ThreadArgs) -> Result<(), String> 
                 Some((t, e, v)) if *t == tp && *e == epoch => v.push(rec),
                 _ => batches.push((tp, epoch, vec![rec])),
             }
+        }
+        for (tp, epoch, records) in &batches {
+            tracing::trace!(
+                topic = %tp.topic,
+                partition = tp.partition,
+                epoch,
+                first = records.first().map(|r| r.por),
+                last = records.last().map(|r| r.por),
+                "records read"
+            );
         }
         stash.extend(batches.into_iter().map(|(tp, epoch, records)| Event::Records { tp, epoch, records }));
         if !stash.is_empty() && !deliver(&ctx, &consumer, &mut stash) {

@@ -136,7 +136,11 @@ impl SourceIntegration for KafkaSource {
                 ev = rec_rx.recv(), if outbox.is_empty() => match ev {
                     None => break Err(thread_gone()),
                     Some(Event::Records { tp, epoch, records }) => {
-                        if let Some(e) = book.records(&tp, epoch, records) { outbox.push_back(e) }
+                        let (first, n) = (records.first().map(|r| r.por), records.len());
+                        match book.records(&tp, epoch, records) {
+                            Some(e) => outbox.push_back(e),
+                            None => tracing::debug!(topic = %tp.topic, partition = tp.partition, epoch, ?first, n, "records of a stale start or a partition not held; dropped"),
+                        }
                     }
                     Some(_) => {}
                 },
