@@ -7,7 +7,8 @@
 #   KAFKA_PORT     port to listen on (default 9092)
 #   TANSU_LOG      log file (default ~/.cache/wallaroo-connectors/tansu-<port>.log)
 #
-# tansu is installed with `cargo install tansu --locked --root ~/.cache/wallaroo-connectors/tools`.
+# tansu is installed with `cargo install --locked --root ~/.cache/wallaroo-connectors/tools tansu --features dynostore`
+# (scripts/test.sh does it when the binary is missing).
 set -euo pipefail
 
 TANSU="${TANSU:-$HOME/.cache/wallaroo-connectors/tools/bin/tansu}"
@@ -26,7 +27,7 @@ fi
 
 if [ ! -x "$TANSU" ]; then
     echo "kafka: the tansu broker binary is missing at $TANSU" >&2
-    echo "kafka: install it with: cargo install tansu --locked --root ~/.cache/wallaroo-connectors/tools" >&2
+    echo "kafka: install it with: cargo install --locked --root ~/.cache/wallaroo-connectors/tools tansu --features dynostore" >&2
     exit 1
 fi
 
