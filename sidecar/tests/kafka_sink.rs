@@ -15,6 +15,10 @@ use wallaroo_connector::runtime::run::{RunOverrides, run};
 use wallaroo_connector::sim::{RoundOutcome, SinkSim, SinkSimConfig};
 
 fn sink_manifest(port: u16, topic: &str, extra_properties: &str) -> String {
+    sink_manifest_at(BROKER, port, topic, extra_properties)
+}
+
+fn sink_manifest_at(brokers: &str, port: u16, topic: &str, extra_properties: &str) -> String {
     format!(
         r#"apiVersion: wallaroo.dev/v1alpha1
 kind: Connector
@@ -28,7 +32,7 @@ spec:
     cookie: Dragons-Love-Tacos
   sink:
     kafka:
-      brokers: ["{BROKER}"]
+      brokers: ["{brokers}"]
       topic: "{topic}"
       format: json
       keyField: id
@@ -39,12 +43,17 @@ spec:
 }
 
 async fn start_sink(yaml: &str, port: u16) -> (CancellationToken, tokio::task::JoinHandle<()>, SocketAddr) {
+    start_sink_with_admin(yaml, port, SocketAddr::from(([127, 0, 0, 1], 0))).await
+}
+
+async fn start_sink_with_admin(
+    yaml: &str,
+    port: u16,
+    admin: SocketAddr,
+) -> (CancellationToken, tokio::task::JoinHandle<()>, SocketAddr) {
     let c = wallaroo_crds::parse_connectors(yaml, "test").expect("manifest").remove(0);
     let stop = CancellationToken::new();
-    let overrides = RunOverrides {
-        admin_addr: Some(SocketAddr::from(([127, 0, 0, 1], 0))),
-        drain_timeout: Some(Duration::from_secs(5)),
-    };
+    let overrides = RunOverrides { admin_addr: Some(admin), drain_timeout: Some(Duration::from_secs(5)) };
     let s = stop.clone();
     let task = tokio::spawn(async move {
         run(c, overrides, s).await.expect("sink run");
@@ -140,4 +149,43 @@ async fn a_permanent_error_votes_abort_and_the_sink_keeps_going() {
     assert!(!task.is_finished(), "the sink crashed");
     stop.cancel();
     task.await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn readyz_follows_a_broker_outage_and_rounds_commit_after_it() {
+    init_tracing();
+    let (port, public) = (free_port(), free_port());
+    let brokers = format!("127.0.0.1:{public}");
+    let dir = tempfile::tempdir().unwrap();
+    let mut broker = start_tansu(port, public, &dir.path().join("tansu.log"));
+    wait_port(port).await;
+    let proxy = Proxy::start(public, port).await;
+    let topic = unique("sink-outage");
+    create_topic(&brokers, &topic, 1).await;
+    let sink_port = free_port();
+    let admin = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let (stop, task, addr) =
+        start_sink_with_admin(&sink_manifest_at(&brokers, sink_port, &topic, ""), sink_port, admin).await;
+    let ready = |want: u16| async move {
+        for _ in 0..300 {
+            if http_status(admin, "/readyz").await == Some(want) {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        false
+    };
+    assert!(ready(200).await, "sink not ready with the broker up");
+    proxy.stop().await;
+    assert!(ready(503).await, "/readyz still 200 with the broker gone");
+    let proxy = Proxy::start(public, port).await;
+    assert!(ready(200).await, "/readyz did not recover after the broker came back");
+    let mut w = SinkSim::connect(SinkSimConfig::new(addr, "worker1")).await.unwrap();
+    w.send(record(7).as_bytes()).await.unwrap();
+    assert_eq!(w.checkpoint().await.unwrap(), RoundOutcome::Committed);
+    stop.cancel();
+    task.await.unwrap();
+    proxy.stop().await;
+    broker.kill().unwrap();
+    broker.wait().unwrap();
 }
