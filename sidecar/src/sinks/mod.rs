@@ -8,6 +8,7 @@ use crate::runtime::sink_api::{SinkError, SinkIntegration};
 use crate::runtime::{Health, Metrics};
 
 pub mod file;
+pub mod kafka;
 pub mod kinesis;
 pub mod payload;
 pub mod s3;
@@ -15,12 +16,14 @@ pub mod udp;
 
 /// Builds (and connects) the integration for the (validated) sink spec.
 pub async fn build(spec: &SinkSpec, health: Health, metrics: Metrics) -> Result<Arc<dyn SinkIntegration>, SinkError> {
-    let _ = &metrics;
     if let Some(c) = &spec.udp {
         return Ok(Arc::new(udp::UdpSink::connect(c.clone(), health).await?));
     }
     if let Some(c) = &spec.file {
         return Ok(Arc::new(file::FileSink::open(c.clone(), health)?));
+    }
+    if let Some(c) = &spec.kafka {
+        return Ok(Arc::new(kafka::KafkaSink::connect(c.clone(), health, metrics).await?));
     }
     if let Some(c) = &spec.s3 {
         return Ok(Arc::new(s3::S3Sink::connect(c.clone(), health).await?));

@@ -5,6 +5,7 @@ use wallaroo_crds::SourceSpec;
 use crate::runtime::source_api::{SourceError, SourceIntegration};
 
 pub mod file;
+pub mod kafka;
 pub mod kinesis;
 pub mod udp;
 
@@ -16,11 +17,11 @@ pub fn build(spec: &SourceSpec) -> Result<Box<dyn SourceIntegration>, SourceErro
     if let Some(c) = &spec.file {
         return Ok(Box::new(file::FileSource::new(c.clone())));
     }
+    if let Some(c) = &spec.kafka {
+        return Ok(Box::new(kafka::KafkaSource::new(c.clone())));
+    }
     if let Some(c) = &spec.kinesis {
         return Ok(Box::new(kinesis::KinesisSource::new(c.clone())));
     }
-    Err(SourceError::Config(format!(
-        "spec.source: kind {:?} is not available in this build",
-        spec.kind_names()
-    )))
+    Err(SourceError::Config(format!("spec.source: kind {:?} is not available in this build", spec.kind_names())))
 }

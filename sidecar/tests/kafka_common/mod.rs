@@ -1,0 +1,246 @@
+//! Helpers for the Kafka integration tests: a real broker (tansu) on 127.0.0.1:9092 started by
+//! `tests/services/kafka.sh`, topics with random names, producing, reading committed group offsets.
+#![allow(dead_code)]
+
+use std::net::SocketAddr;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::{Offset, TopicPartitionList};
+
+pub const BROKER: &str = "127.0.0.1:9092";
+
+/// Logs of the in-process connector, filtered by RUST_LOG (shown for failing tests).
+pub fn init_tracing() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_test_writer()
+        .try_init();
+}
+
+/// Fails loudly when the broker is not there: the CI starts it with `tests/services/kafka.sh`.
+pub fn require_broker(addr: &str) {
+    init_tracing();
+    let ok = std::net::TcpStream::connect_timeout(&addr.parse().unwrap(), Duration::from_secs(2)).is_ok();
+    assert!(ok, "no Kafka broker at {addr}: run tests/services/kafka.sh first");
+}
+
+pub fn unique(prefix: &str) -> String {
+    format!("{prefix}-{}-{}", std::process::id(), rand::random::<u32>())
+}
+
+pub async fn create_topic(brokers: &str, topic: &str, partitions: i32) {
+    let admin: AdminClient<DefaultClientContext> =
+        ClientConfig::new().set("bootstrap.servers", brokers).create().expect("admin client");
+    let t = NewTopic::new(topic, partitions, TopicReplication::Fixed(1));
+    let res = admin.create_topics(&[t], &AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)))).await;
+    let res = res.expect("create_topics");
+    for r in res {
+        r.expect("topic created");
+    }
+    // Let metadata settle so producers and consumers see every partition.
+    for _ in 0..50 {
+        let md = admin.inner().fetch_metadata(Some(topic), Duration::from_secs(2)).expect("metadata");
+        if md.topics().first().is_some_and(|t| t.partitions().len() == partitions as usize && t.error().is_none()) {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("topic {topic} did not show {partitions} partitions");
+}
+
+pub fn producer(brokers: &str) -> FutureProducer {
+    ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("enable.idempotence", "true")
+        .set("acks", "all")
+        .set("linger.ms", "5")
+        .create()
+        .expect("producer")
+}
+
+pub fn payload(partition: i32, i: usize) -> String {
+    format!("p{partition}-m{i}")
+}
+
+/// Produces `count` records to each of `partitions` (explicit partitions), payloads from [`payload`] numbered
+/// from `first`, keys `k<i>`. Waits for every delivery.
+pub async fn produce(p: &FutureProducer, topic: &str, partitions: i32, first: usize, count: usize) {
+    let mut futs = Vec::new();
+    for i in first..first + count {
+        for part in 0..partitions {
+            let value = payload(part, i);
+            let key = format!("k{i}");
+            let f = p
+                .send_result(FutureRecord::to(topic).partition(part).payload(value.as_bytes()).key(key.as_bytes()))
+                .map_err(|(e, _)| e)
+                .expect("enqueue");
+            futs.push(f);
+        }
+        if futs.len() >= 5000 {
+            for f in futs.drain(..) {
+                f.await.expect("delivery future").expect("delivered");
+            }
+        }
+    }
+    for f in futs {
+        f.await.expect("delivery future").expect("delivered");
+    }
+}
+
+/// The group's committed offsets (next offset to read) per partition; `None` where nothing is committed.
+pub fn committed(brokers: &str, group: &str, topic: &str, partitions: i32) -> Vec<Option<i64>> {
+    let c: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("group.id", group)
+        .set("enable.auto.commit", "false")
+        .create()
+        .expect("consumer");
+    let mut tpl = TopicPartitionList::new();
+    for p in 0..partitions {
+        tpl.add_partition(topic, p);
+    }
+    let got = c.committed_offsets(tpl, Duration::from_secs(10)).expect("committed offsets");
+    (0..partitions)
+        .map(|p| match got.find_partition(topic, p).map(|e| e.offset()) {
+            Some(Offset::Offset(o)) => Some(o),
+            _ => None,
+        })
+        .collect()
+}
+
+/// A source Connector manifest for the Kafka source.
+pub fn source_manifest(worker: SocketAddr, brokers: &str, topic: &str, group: &str) -> String {
+    format!(
+        r#"apiVersion: wallaroo.dev/v1alpha1
+kind: Connector
+metadata:
+  name: kafka-test
+spec:
+  connectorName: kafka_in
+  drainTimeoutSeconds: 10
+  worker:
+    host: "{host}"
+    port: {port}
+    cookie: Dragons-Love-Tacos
+    instanceName: kafka-test
+  source:
+    kafka:
+      brokers: ["{brokers}"]
+      topics: ["{topic}"]
+      groupId: "{group}"
+      startFrom: earliest
+      revokeTimeoutSeconds: 5
+      properties:
+        session.timeout.ms: "6000"
+        heartbeat.interval.ms: "500"
+"#,
+        host = worker.ip(),
+        port = worker.port()
+    )
+}
+
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// `GET path` on the admin server; the status code, or None when nothing answers.
+pub async fn http_status(addr: SocketAddr, path: &str) -> Option<u16> {
+    http_get(addr, path).await.map(|(status, _)| status)
+}
+
+/// `GET path` on the admin server: status code and body.
+pub async fn http_get(addr: SocketAddr, path: &str) -> Option<(u16, String)> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::time::timeout(Duration::from_secs(2), tokio::net::TcpStream::connect(addr)).await.ok()?.ok()?;
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes()).await.ok()?;
+    let mut buf = Vec::new();
+    tokio::time::timeout(Duration::from_secs(2), s.read_to_end(&mut buf)).await.ok()?.ok()?;
+    let text = String::from_utf8_lossy(&buf).into_owned();
+    let status = text.split_whitespace().nth(1)?.parse().ok()?;
+    let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+    Some((status, body))
+}
+
+/// A private tansu listening on `port` and advertising `advertised` (for tests that cut the broker off).
+pub fn start_tansu(port: u16, advertised: u16, log: &std::path::Path) -> Child {
+    let bin = std::env::var("TANSU").unwrap_or_else(|_| {
+        format!("{}/.cache/wallaroo-connectors/tools/bin/tansu", std::env::var("HOME").unwrap_or_default())
+    });
+    assert!(std::path::Path::new(&bin).exists(), "tansu binary missing at {bin}: see tests/services/kafka.sh");
+    let out = std::fs::OpenOptions::new().create(true).append(true).open(log).unwrap();
+    Command::new(bin)
+        .args([
+            "broker",
+            "--storage-engine",
+            "memory://tansu/",
+            "--listener-url",
+            &format!("tcp://127.0.0.1:{port}"),
+            "--advertised-listener-url",
+            &format!("tcp://127.0.0.1:{advertised}"),
+        ])
+        .stdout(Stdio::from(out.try_clone().unwrap()))
+        .stderr(Stdio::from(out))
+        .spawn()
+        .expect("start tansu")
+}
+
+pub async fn wait_port(port: u16) {
+    for _ in 0..100 {
+        if tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_ok() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("nothing listens on {port}");
+}
+
+/// A TCP proxy standing in for the broker's network presence: stopping it drops every client connection and
+/// refuses new ones, exactly what clients see of a stopped broker, while the broker keeps its data. (Restarting
+/// the in-memory test broker itself would also delete its topics; tansu 0.6 then answers fetches with a null
+/// topic name and a zero topic id, which crashes librdkafka 2.12's metadata cache, see docs/kafka-source.md.)
+pub struct Proxy {
+    stop: tokio_util::sync::CancellationToken,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Proxy {
+    pub async fn start(listen: u16, target: u16) -> Proxy {
+        let listener = loop {
+            match tokio::net::TcpListener::bind(("127.0.0.1", listen)).await {
+                Ok(l) => break l,
+                Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+            }
+        };
+        let stop = tokio_util::sync::CancellationToken::new();
+        let token = stop.clone();
+        let task = tokio::spawn(async move {
+            loop {
+                let (mut client, _) = tokio::select! {
+                    r = listener.accept() => match r { Ok(c) => c, Err(_) => continue },
+                    _ = token.cancelled() => return,
+                };
+                let token = token.clone();
+                tokio::spawn(async move {
+                    let Ok(mut server) = tokio::net::TcpStream::connect(("127.0.0.1", target)).await else { return };
+                    tokio::select! {
+                        _ = tokio::io::copy_bidirectional(&mut client, &mut server) => {}
+                        _ = token.cancelled() => {}
+                    }
+                });
+            }
+        });
+        Proxy { stop, task }
+    }
+
+    /// Closes the listener and every proxied connection.
+    pub async fn stop(self) {
+        self.stop.cancel();
+        let _ = self.task.await;
+    }
+}

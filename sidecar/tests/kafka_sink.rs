@@ -1,0 +1,191 @@
+//! The Kafka sink against a real Kafka-protocol broker (tansu, started by `tests/services/kafka.sh`), driven by
+//! the simulated worker.
+mod kafka_common;
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use kafka_common::*;
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::Message;
+use rdkafka::{Offset, TopicPartitionList};
+use tokio_util::sync::CancellationToken;
+use wallaroo_connector::runtime::run::{RunOverrides, run};
+use wallaroo_connector::sim::{RoundOutcome, SinkSim, SinkSimConfig};
+
+fn sink_manifest(port: u16, topic: &str, extra_properties: &str) -> String {
+    sink_manifest_at(BROKER, port, topic, extra_properties)
+}
+
+fn sink_manifest_at(brokers: &str, port: u16, topic: &str, extra_properties: &str) -> String {
+    format!(
+        r#"apiVersion: wallaroo.dev/v1alpha1
+kind: Connector
+metadata:
+  name: kafka-sink-test
+spec:
+  connectorName: kafka_out
+  worker:
+    host: 127.0.0.1
+    port: {port}
+    cookie: Dragons-Love-Tacos
+  sink:
+    kafka:
+      brokers: ["{brokers}"]
+      topic: "{topic}"
+      format: json
+      keyField: id
+      properties:
+        linger.ms: "1"
+{extra_properties}"#
+    )
+}
+
+async fn start_sink(yaml: &str, port: u16) -> (CancellationToken, tokio::task::JoinHandle<()>, SocketAddr) {
+    start_sink_with_admin(yaml, port, SocketAddr::from(([127, 0, 0, 1], 0))).await
+}
+
+async fn start_sink_with_admin(
+    yaml: &str,
+    port: u16,
+    admin: SocketAddr,
+) -> (CancellationToken, tokio::task::JoinHandle<()>, SocketAddr) {
+    let c = wallaroo_crds::parse_connectors(yaml, "test").expect("manifest").remove(0);
+    let stop = CancellationToken::new();
+    let overrides = RunOverrides { admin_addr: Some(admin), drain_timeout: Some(Duration::from_secs(5)) };
+    let s = stop.clone();
+    let task = tokio::spawn(async move {
+        run(c, overrides, s).await.expect("sink run");
+    });
+    let addr = SocketAddr::from(([127, 0, 0, 1], port));
+    wait_port(port).await;
+    (stop, task, addr)
+}
+
+/// Every record of the topic (one partition), as (key, value).
+fn read_all(topic: &str, want: usize) -> Vec<(Option<String>, String)> {
+    let c: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", BROKER)
+        .set("group.id", unique("reader"))
+        .set("enable.auto.commit", "false")
+        .create()
+        .unwrap();
+    let mut tpl = TopicPartitionList::new();
+    tpl.add_partition_offset(topic, 0, Offset::Beginning).unwrap();
+    c.assign(&tpl).unwrap();
+    let mut out = Vec::new();
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while std::time::Instant::now() < deadline {
+        match c.poll(Duration::from_millis(200)) {
+            Some(Ok(m)) => out.push((
+                m.key().map(|k| String::from_utf8_lossy(k).into_owned()),
+                String::from_utf8_lossy(m.payload().unwrap_or_default()).into_owned(),
+            )),
+            Some(Err(e)) => panic!("consume: {e}"),
+            // Keep reading a little past `want` so extra records would be seen.
+            None if out.len() >= want => break,
+            None => {}
+        }
+    }
+    out
+}
+
+fn record(i: usize) -> String {
+    format!(r#"{{"id":"k{i}","n":{i}}}"#)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn committed_rounds_appear_in_the_topic() {
+    require_broker(BROKER);
+    let topic = unique("sink-commit");
+    create_topic(BROKER, &topic, 1).await;
+    let port = free_port();
+    let (stop, task, addr) = start_sink(&sink_manifest(port, &topic, ""), port).await;
+
+    let mut w = SinkSim::connect(SinkSimConfig::new(addr, "worker1")).await.unwrap();
+    for i in 0..100 {
+        w.send(record(i).as_bytes()).await.unwrap();
+    }
+    assert_eq!(w.checkpoint().await.unwrap(), RoundOutcome::Committed);
+    for i in 100..250 {
+        w.send(record(i).as_bytes()).await.unwrap();
+    }
+    assert_eq!(w.checkpoint().await.unwrap(), RoundOutcome::Committed);
+
+    let got = read_all(&topic, 250);
+    let want: Vec<(Option<String>, String)> = (0..250).map(|i| (Some(format!("k{i}")), record(i))).collect();
+    assert_eq!(got, want);
+    stop.cancel();
+    task.await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_permanent_error_votes_abort_and_the_sink_keeps_going() {
+    require_broker(BROKER);
+    let topic = unique("sink-abort");
+    create_topic(BROKER, &topic, 1).await;
+    let port = free_port();
+    // Records above 2000 bytes are refused by the producer: a permanent error for that round.
+    let yaml = sink_manifest(port, &topic, "        message.max.bytes: \"2000\"\n");
+    let (stop, task, addr) = start_sink(&yaml, port).await;
+
+    let mut w = SinkSim::connect(SinkSimConfig::new(addr, "worker1")).await.unwrap();
+    w.send(record(1).as_bytes()).await.unwrap();
+    let big = format!(r#"{{"id":"big","pad":"{}"}}"#, "x".repeat(5000));
+    w.send(big.as_bytes()).await.unwrap();
+    assert_eq!(w.checkpoint().await.unwrap(), RoundOutcome::Aborted);
+
+    // Same worker, next round: the sink is still serving and commits good data.
+    w.reconnect().await.unwrap();
+    w.send(record(2).as_bytes()).await.unwrap();
+    assert_eq!(w.checkpoint().await.unwrap(), RoundOutcome::Committed);
+
+    let got = read_all(&topic, 1);
+    // At-least-once: the aborted round's good record may already be visible; the oversized one never is,
+    // and the committed round's record is there.
+    assert!(got.iter().all(|(k, _)| k.as_deref() != Some("big")), "{got:?}");
+    assert!(got.contains(&(Some("k2".into()), record(2))), "{got:?}");
+    assert!(!task.is_finished(), "the sink crashed");
+    stop.cancel();
+    task.await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn readyz_follows_a_broker_outage_and_rounds_commit_after_it() {
+    init_tracing();
+    let (port, public) = (free_port(), free_port());
+    let brokers = format!("127.0.0.1:{public}");
+    let dir = tempfile::tempdir().unwrap();
+    let mut broker = start_tansu(port, public, &dir.path().join("tansu.log"));
+    wait_port(port).await;
+    let proxy = Proxy::start(public, port).await;
+    let topic = unique("sink-outage");
+    create_topic(&brokers, &topic, 1).await;
+    let sink_port = free_port();
+    let admin = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let (stop, task, addr) =
+        start_sink_with_admin(&sink_manifest_at(&brokers, sink_port, &topic, ""), sink_port, admin).await;
+    let ready = |want: u16| async move {
+        for _ in 0..300 {
+            if http_status(admin, "/readyz").await == Some(want) {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        false
+    };
+    assert!(ready(200).await, "sink not ready with the broker up");
+    proxy.stop().await;
+    assert!(ready(503).await, "/readyz still 200 with the broker gone");
+    let proxy = Proxy::start(public, port).await;
+    assert!(ready(200).await, "/readyz did not recover after the broker came back");
+    let mut w = SinkSim::connect(SinkSimConfig::new(addr, "worker1")).await.unwrap();
+    w.send(record(7).as_bytes()).await.unwrap();
+    assert_eq!(w.checkpoint().await.unwrap(), RoundOutcome::Committed);
+    stop.cancel();
+    task.await.unwrap();
+    proxy.stop().await;
+    broker.kill().unwrap();
+    broker.wait().unwrap();
+}
