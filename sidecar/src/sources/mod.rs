@@ -5,6 +5,7 @@ use wallaroo_crds::SourceSpec;
 use crate::runtime::source_api::{SourceError, SourceIntegration};
 
 pub mod file;
+pub mod postgres;
 pub mod udp;
 
 /// The integration for the (validated) source spec.
@@ -14,6 +15,9 @@ pub fn build(spec: &SourceSpec) -> Result<Box<dyn SourceIntegration>, SourceErro
     }
     if let Some(c) = &spec.file {
         return Ok(Box::new(file::FileSource::new(c.clone())));
+    }
+    if let Some(c) = &spec.postgres {
+        return Ok(Box::new(postgres::PostgresSource::new(c.clone())));
     }
     Err(SourceError::Config(format!(
         "spec.source: kind {:?} is not available in this build",
