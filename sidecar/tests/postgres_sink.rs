@@ -185,6 +185,14 @@ struct Sidecar {
     _dir: tempfile::TempDir,
 }
 
+/// A failing test must not leave a sidecar running.
+impl Drop for Sidecar {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 /// The sidecar binary, so it can be killed with SIGKILL.
 fn start_binary(yaml: &str) -> Sidecar {
     let dir = tempfile::tempdir().unwrap();

@@ -92,7 +92,6 @@ impl SourceIntegration for PostgresSource {
                         ctx.health.set_external(true);
                         ctx.metrics.external_connected.set(1);
                         reader = Some(r);
-                        backoff = BACKOFF_MIN;
                         want_read = true;
                     }
                     Err(ReadError::Fatal(m)) => return Err(SourceError::Config(m)),
@@ -110,6 +109,8 @@ impl SourceIntegration for PostgresSource {
             {
                 match tokio::time::timeout(QUERY_TIMEOUT, r.read(c.after, limit)).await {
                     Ok(Ok((rows, fence_waiting))) => {
+                        // Only a successful read proves the connection healthy enough to reset the backoff.
+                        backoff = BACKOFF_MIN;
                         let full = rows.len() as i64 >= limit;
                         for (id, payload) in rows {
                             let Ok(por) = u64::try_from(id) else {
@@ -138,6 +139,7 @@ impl SourceIntegration for PostgresSource {
                         reader = None;
                         self.lost(&ctx, &m);
                         connect_at = Instant::now() + backoff;
+                        backoff = (backoff * 2).min(BACKOFF_MAX);
                     }
                     Err(_) => {
                         tracing::warn!("postgres read timed out; reconnecting");
@@ -145,6 +147,7 @@ impl SourceIntegration for PostgresSource {
                         reader = None;
                         self.lost(&ctx, "timeout");
                         connect_at = Instant::now() + backoff;
+                        backoff = (backoff * 2).min(BACKOFF_MAX);
                     }
                 }
             }

@@ -162,7 +162,7 @@ impl Reader {
         let select = client
             .prepare(&format!(
                 "SELECT {id}::bigint, {payload} FROM {table} AS wallaroo_row
-                  WHERE {id} > $1 AND {id} <= $2 ORDER BY {id} LIMIT $3"
+                  WHERE {id} > $1::bigint AND {id} <= $2::bigint ORDER BY {id} LIMIT $3::bigint"
             ))
             .await
             .map_err(|e| ReadError::from_pg(e, "preparing the read query"))?;
