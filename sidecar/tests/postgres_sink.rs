@@ -215,7 +215,10 @@ async fn crash_between_phases(mode: Mode, checkpoint_completed: bool) {
     let port = free_port();
     let yaml = manifest(port, mode, &table, "");
     let mut sidecar = start_binary(&yaml);
-    let mut w = connect_sim(port, "worker1").await;
+    // A worker name of its own: the crash tests run in parallel and look at pg_prepared_xacts.
+    let worker = format!("w-{table}");
+    let gids = format!("wallaroo:{worker}:%");
+    let mut w = connect_sim(port, &worker).await;
 
     let a = batch("a", 0..400);
     send_all(&mut w, &a).await;
@@ -233,7 +236,7 @@ async fn crash_between_phases(mode: Mode, checkpoint_completed: bool) {
     }
     if mode == Mode::Prepared {
         let pending: i64 = client
-            .query_one("SELECT count(*) FROM pg_prepared_xacts WHERE gid LIKE 'wallaroo:worker1:%'", &[])
+            .query_one("SELECT count(*) FROM pg_prepared_xacts WHERE gid LIKE $1", &[&gids])
             .await
             .unwrap()
             .get(0);
@@ -265,7 +268,7 @@ async fn crash_between_phases(mode: Mode, checkpoint_completed: bool) {
     expected.extend(c.iter().cloned());
     assert_eq!(wait_values(&client, &table, expected.len()).await, expected);
     let prepared_left: i64 = client
-        .query_one("SELECT count(*) FROM pg_prepared_xacts WHERE gid LIKE 'wallaroo:worker1:%'", &[])
+        .query_one("SELECT count(*) FROM pg_prepared_xacts WHERE gid LIKE $1", &[&gids])
         .await
         .unwrap()
         .get(0);

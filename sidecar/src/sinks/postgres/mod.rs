@@ -62,6 +62,8 @@ struct Worker {
     /// Prepared mode: nothing failed in the open transaction.
     tx_ok: bool,
     round_start: u64,
+    /// Prepared mode: the COPY streaming this round's rows.
+    copy: Option<prepared::OpenCopy>,
     /// Staging mode: framed payloads not yet written, starting at offset `chunk_start`.
     chunk: Vec<u8>,
     chunk_start: u64,
@@ -174,6 +176,7 @@ impl PostgresSink {
                 w.in_tx = false;
                 w.tx_ok = false;
             }
+            w.copy = None;
             w.client = Some(conn::connect(self.control.url(), self.control.health(), self.control.metrics()).await?);
         }
         Ok(())
@@ -278,6 +281,7 @@ impl SinkIntegration for PostgresSink {
         self.init().await?;
         let w = self.worker(worker);
         let mut w = w.lock().await;
+        w.copy = None;
         if w.in_tx {
             // Closing the connection also rolls back, so a failed ROLLBACK only costs a reconnect.
             if let Some(c) = w.client.as_ref()

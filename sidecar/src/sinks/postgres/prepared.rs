@@ -1,10 +1,13 @@
 //! Prepared mode: a round is one transaction on the worker's connection; Phase 1 is `PREPARE TRANSACTION`.
+use std::pin::Pin;
+
 use bytes::Bytes;
-use tokio_postgres::Client;
+use futures::SinkExt;
+use tokio_postgres::{Client, CopyInSink};
 
 use super::conn::{classify, quote_literal};
 use super::rows::ColumnTypes;
-use super::{PostgresSink, Worker, copy_batches, gid, schema};
+use super::{PostgresSink, Worker, gid, schema};
 use crate::runtime::sink_api::{SinkError, Txn};
 
 /// This worker's prepared transactions for this table: `(gid, txn)`.
@@ -57,11 +60,42 @@ pub(super) async fn stage(
         w.tx_ok = true;
         w.round_start = offset;
     }
-    let r = copy_batches(client, &sink.table, batches).await;
+    let r = async {
+        for b in batches {
+            if w.copy.as_ref().is_some_and(|c| c.columns != b.columns) {
+                finish_copy(&mut w.copy).await?;
+            }
+            if w.copy.is_none() {
+                let sink = client.copy_in::<_, Bytes>(&b.sql(&sink.table)).await.map_err(|e| classify(e, "COPY"))?;
+                w.copy = Some(OpenCopy { columns: b.columns.clone(), sink: Box::pin(sink) });
+            }
+            if let Some(c) = w.copy.as_mut() {
+                c.sink.send(Bytes::from(b.data)).await.map_err(|e| classify(e, "COPY data"))?;
+            }
+        }
+        Ok(())
+    }
+    .await;
     if r.is_err() {
         w.tx_ok = false;
+        // Dropping the sink aborts the COPY (CopyFail); the transaction is rolled back by abort.
+        w.copy = None;
     }
-    r.map(|_| ())
+    r
+}
+
+/// A `COPY ... FROM STDIN` kept open across stage calls, so a round streams to the server without waiting
+/// for it batch by batch; it is finished (and its errors seen) at Phase 1 or when the column list changes.
+pub(super) struct OpenCopy {
+    columns: Vec<String>,
+    sink: Pin<Box<CopyInSink<Bytes>>>,
+}
+
+async fn finish_copy(copy: &mut Option<OpenCopy>) -> Result<(), SinkError> {
+    if let Some(mut c) = copy.take() {
+        c.sink.as_mut().finish().await.map_err(|e| classify(e, "COPY"))?;
+    }
+    Ok(())
 }
 
 pub(super) async fn prepare(sink: &PostgresSink, worker: &str, w: &mut Worker, txn: &Txn) -> Result<(), SinkError> {
@@ -84,6 +118,7 @@ pub(super) async fn prepare(sink: &PostgresSink, worker: &str, w: &mut Worker, t
         if !w.in_tx {
             client.batch_execute("BEGIN").await.map_err(|e| classify(e, "BEGIN"))?;
         }
+        finish_copy(&mut w.copy).await?;
         schema::set_committed_end(client, &sink.table, worker, txn.end).await?;
         client.batch_execute(&format!("PREPARE TRANSACTION {}", quote_literal(&g))).await.map_err(|e| classify(e, "PREPARE TRANSACTION"))
     }

@@ -72,32 +72,52 @@ fn clear_chunk(w: &mut Worker, end: u64) {
     w.chunk_start = end;
 }
 
-/// The payloads staged for `[start, end)`, checking the chunks cover it exactly.
-async fn staged_payloads(client: &Client, table: &str, worker: &str, start: u64, end: u64) -> Result<Vec<Bytes>, SinkError> {
-    let rows = client
+/// Loads the rows staged for `[start, end)` into the table, one chunk at a time (memory stays bounded by a
+/// chunk however large the round), after checking the chunks cover the range exactly.
+async fn copy_staged(
+    sink: &PostgresSink,
+    client: &Client,
+    worker: &str,
+    types: &ColumnTypes,
+    start: u64,
+    end: u64,
+) -> Result<(), SinkError> {
+    let table = &sink.table;
+    let ranges = client
         .query(
-            "SELECT start_offset, end_offset, data FROM wallaroo_sink_staging
+            "SELECT start_offset, end_offset FROM wallaroo_sink_staging
               WHERE target = $1 AND worker = $2 AND start_offset >= $3 AND start_offset < $4
               ORDER BY start_offset",
-            &[&table, &worker, &(start as i64), &(end as i64)],
+            &[table, &worker, &(start as i64), &(end as i64)],
         )
         .await
-        .map_err(|e| classify(e, "reading staged rows"))?;
+        .map_err(|e| classify(e, "reading staged chunks"))?;
     let mut at = start;
-    let mut out = Vec::new();
-    for r in rows {
+    for r in &ranges {
         let (s, e) = (r.get::<_, i64>(0) as u64, r.get::<_, i64>(1) as u64);
         if s != at {
             return Err(SinkError::Permanent(format!("staged rows have a gap at offset {at} (next chunk starts at {s})")));
         }
-        let data: Vec<u8> = r.get(2);
-        out.extend(unframe(&Bytes::from(data)).map_err(SinkError::Permanent)?);
         at = e;
     }
     if at != end {
         return Err(SinkError::Permanent(format!("staged rows end at offset {at}, the transaction at {end}")));
     }
-    Ok(out)
+    for r in ranges {
+        let s: i64 = r.get(0);
+        let data: Vec<u8> = client
+            .query_one(
+                "SELECT data FROM wallaroo_sink_staging WHERE target = $1 AND worker = $2 AND start_offset = $3",
+                &[table, &worker, &s],
+            )
+            .await
+            .map_err(|e| classify(e, "reading staged rows"))?
+            .get(0);
+        let payloads = unframe(&Bytes::from(data)).map_err(SinkError::Permanent)?;
+        let batches = sink.encode(types, &payloads)?;
+        copy_batches(client, table, batches).await?;
+    }
+    Ok(())
 }
 
 async fn finish<T>(client: &Client, r: Result<T, SinkError>) -> Result<T, SinkError> {
@@ -159,10 +179,8 @@ pub(super) async fn prepare(sink: &PostgresSink, worker: &str, w: &mut Worker, t
         if !w.chunk.is_empty() {
             write_chunk(client, &sink.table, worker, w, txn.end).await?;
         }
-        let payloads = staged_payloads(client, &sink.table, worker, txn.start, txn.end).await?;
-        let batches = sink.encode(&types, &payloads)?;
         client.batch_execute("SAVEPOINT wallaroo_check").await.map_err(|e| classify(e, "SAVEPOINT"))?;
-        copy_batches(client, &sink.table, batches).await?;
+        copy_staged(sink, client, worker, &types, txn.start, txn.end).await?;
         client.batch_execute("ROLLBACK TO SAVEPOINT wallaroo_check").await.map_err(|e| classify(e, "ROLLBACK TO SAVEPOINT"))?;
         client
             .execute(
@@ -211,9 +229,7 @@ pub(super) async fn commit(sink: &PostgresSink, worker: &str, w: &mut Worker, tx
                 )));
             }
         };
-        let payloads = staged_payloads(client, &sink.table, worker, start, end).await?;
-        let batches = sink.encode(&types, &payloads)?;
-        copy_batches(client, &sink.table, batches).await?;
+        copy_staged(sink, client, worker, &types, start, end).await?;
         client
             .execute(
                 "DELETE FROM wallaroo_sink_staging WHERE target = $1 AND worker = $2 AND start_offset >= $3 AND start_offset < $4",
