@@ -69,10 +69,7 @@ async fn baseline(client: &Client) -> f64 {
 async fn sidecar(client: &Client, mode: &str) -> f64 {
     let table = format!("bench_pg_{mode}");
     fresh_table(client, &table).await;
-    client
-        .batch_execute(&format!("DELETE FROM wallaroo_sink_offsets WHERE target = '{table}'"))
-        .await
-        .ok();
+    client.batch_execute(&format!("DELETE FROM wallaroo_sink_offsets WHERE target = '{table}'")).await.ok();
     let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
     let dir = tempfile::tempdir().unwrap();
     let manifest = dir.path().join("c.yaml");
@@ -119,7 +116,10 @@ async fn sidecar(client: &Client, mode: &str) -> f64 {
 #[tokio::main]
 async fn main() {
     let client = db().await;
-    println!("rows: {ROWS} x {SIZE} bytes of text, {} checkpoints of {ROUND} rows, table (seq bigserial, value text)", ROWS / ROUND);
+    println!(
+        "rows: {ROWS} x {SIZE} bytes of text, {} checkpoints of {ROUND} rows, table (seq bigserial, value text)",
+        ROWS / ROUND
+    );
     for mode in ["prepared", "staging"] {
         let base = baseline(&client).await;
         let rate = sidecar(&client, mode).await;

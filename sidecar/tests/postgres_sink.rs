@@ -45,7 +45,8 @@ fn services_dir() -> PathBuf {
 fn start_2pc_server() {
     static ONCE: std::sync::Once = std::sync::Once::new();
     ONCE.call_once(|| {
-        let st = Command::new("bash").arg(services_dir().join("postgres-2pc.sh")).status().expect("run postgres-2pc.sh");
+        let st =
+            Command::new("bash").arg(services_dir().join("postgres-2pc.sh")).status().expect("run postgres-2pc.sh");
         assert!(st.success(), "tests/services/postgres-2pc.sh failed");
     });
 }
@@ -54,9 +55,9 @@ async fn db(mode: Mode) -> Client {
     if mode == Mode::Prepared {
         start_2pc_server();
     }
-    let (client, conn) = tokio_postgres::connect(mode.url(), NoTls)
-        .await
-        .unwrap_or_else(|e| panic!("PostgreSQL at {} is not reachable (run tests/services/postgres.sh): {e}", mode.url()));
+    let (client, conn) = tokio_postgres::connect(mode.url(), NoTls).await.unwrap_or_else(|e| {
+        panic!("PostgreSQL at {} is not reachable (run tests/services/postgres.sh): {e}", mode.url())
+    });
     tokio::spawn(conn);
     client
 }
@@ -267,11 +268,8 @@ async fn crash_between_phases(mode: Mode, checkpoint_completed: bool) {
     }
     expected.extend(c.iter().cloned());
     assert_eq!(wait_values(&client, &table, expected.len()).await, expected);
-    let prepared_left: i64 = client
-        .query_one("SELECT count(*) FROM pg_prepared_xacts WHERE gid LIKE $1", &[&gids])
-        .await
-        .unwrap()
-        .get(0);
+    let prepared_left: i64 =
+        client.query_one("SELECT count(*) FROM pg_prepared_xacts WHERE gid LIKE $1", &[&gids]).await.unwrap().get(0);
     assert_eq!(prepared_left, 0, "no prepared transaction left behind");
     let _ = sidecar2.child.kill();
     let _ = sidecar2.child.wait();
@@ -372,7 +370,10 @@ async fn permanent_error_votes_abort(mode: Mode) {
     w.send(&kv("k1", "v1")).await.unwrap();
     assert_eq!(w.checkpoint().await.unwrap(), RoundOutcome::Aborted, "missing table votes abort");
 
-    client.batch_execute(&format!("CREATE TABLE {table} (seq bigserial PRIMARY KEY, value text NOT NULL)")).await.unwrap();
+    client
+        .batch_execute(&format!("CREATE TABLE {table} (seq bigserial PRIMARY KEY, value text NOT NULL)"))
+        .await
+        .unwrap();
     w.reconnect().await.unwrap();
     w.send(&kv("k1", "v1")).await.unwrap();
     assert_eq!(w.checkpoint().await.unwrap(), RoundOutcome::Aborted, "missing column votes abort");

@@ -52,16 +52,16 @@ spec:
 }
 
 async fn create_table(client: &Client, table: &str) {
-    client.batch_execute(&format!("CREATE TABLE {table} (id bigserial PRIMARY KEY, payload text NOT NULL)")).await.unwrap();
+    client
+        .batch_execute(&format!("CREATE TABLE {table} (id bigserial PRIMARY KEY, payload text NOT NULL)"))
+        .await
+        .unwrap();
 }
 
 /// Inserts `from..to` as payloads `row-<n>` in one statement; returns them.
 async fn insert(client: &Client, table: &str, from: usize, to: usize) -> Vec<String> {
     let rows: Vec<String> = (from..to).map(|i| format!("row-{i:06}")).collect();
-    client
-        .execute(&format!("INSERT INTO {table} (payload) SELECT unnest($1::text[])"), &[&rows])
-        .await
-        .unwrap();
+    client.execute(&format!("INSERT INTO {table} (payload) SELECT unnest($1::text[])"), &[&rows]).await.unwrap();
     rows
 }
 
@@ -95,13 +95,22 @@ async fn rows_arrive_in_order_and_notify_wakes_the_reader() {
     let sim = sim().await;
     let stream = format!("postgres:{table}");
     // A one-minute poll interval: rows inserted later can only be picked up in time through NOTIFY.
-    let running = spawn(connector(&manifest(sim.addr().port(), SHARED, &table, ", payloadColumn: payload, pollIntervalMs: 60000")));
+    let running = spawn(connector(&manifest(
+        sim.addr().port(),
+        SHARED,
+        &table,
+        ", payloadColumn: payload, pollIntervalMs: 60000",
+    )));
     assert!(wait_count(&sim, &stream, 1000).await);
     expected.extend(insert(&client, &table, 1000, 1500).await);
     assert!(wait_count(&sim, &stream, 1500).await, "NOTIFY woke the reader");
     let got = sim.processed(&stream);
     assert_eq!(payloads(&got), expected);
-    assert_eq!(got.iter().map(|(id, _)| *id).collect::<Vec<_>>(), (1..=1500).collect::<Vec<u64>>(), "point of reference = id");
+    assert_eq!(
+        got.iter().map(|(id, _)| *id).collect::<Vec<_>>(),
+        (1..=1500).collect::<Vec<u64>>(),
+        "point of reference = id"
+    );
     assert_clean(&sim);
     let triggers: i64 = client
         .query_one("SELECT count(*) FROM pg_trigger WHERE tgrelid = to_regclass($1) AND NOT tgisinternal", &[&table])
@@ -125,10 +134,10 @@ async fn rows_without_payload_column_are_sent_as_json() {
     assert!(wait_count(&sim, &stream, 2).await);
     let got: Vec<serde_json::Value> =
         sim.processed(&stream).iter().map(|(_, p)| serde_json::from_slice(p).unwrap()).collect();
-    assert_eq!(got, vec![
-        serde_json::json!({"id": 1, "name": "a", "n": 1}),
-        serde_json::json!({"id": 2, "name": "b", "n": null})
-    ]);
+    assert_eq!(
+        got,
+        vec![serde_json::json!({"id": 1, "name": "a", "n": 1}), serde_json::json!({"id": 2, "name": "b", "n": null})]
+    );
     running.stop.cancel();
     let _ = tokio::time::timeout(Duration::from_secs(10), running.task).await;
 }
@@ -191,7 +200,8 @@ async fn kill9_mid_stream_then_restart_delivers_every_row() {
     create_table(&client, &table).await;
     let sim = sim().await;
     let stream = format!("postgres:{table}");
-    let yaml = manifest(sim.addr().port(), SHARED, &table, ", payloadColumn: payload, pollIntervalMs: 50, batchSize: 20");
+    let yaml =
+        manifest(sim.addr().port(), SHARED, &table, ", payloadColumn: payload, pollIntervalMs: 50, batchSize: 20");
     let writer = {
         let table = table.clone();
         tokio::spawn(async move {
@@ -244,7 +254,8 @@ async fn sim_restart_resumes_from_the_acked_point() {
     .await
     .unwrap();
     let stream = format!("postgres:{table}");
-    let running = spawn(connector(&manifest(sim.addr().port(), SHARED, &table, ", payloadColumn: payload, batchSize: 50")));
+    let running =
+        spawn(connector(&manifest(sim.addr().port(), SHARED, &table, ", payloadColumn: payload, batchSize: 50")));
     assert!(wait_count(&sim, &stream, 500).await);
     sim.restart_connections();
     assert!(sim.wait_until(Duration::from_secs(60), |s| s.stats().restarts >= 1).await);
@@ -267,7 +278,8 @@ async fn a_row_committed_late_with_a_lower_id_is_not_skipped() {
     insert(&client, &table, 0, 1).await;
     let sim = sim().await;
     let stream = format!("postgres:{table}");
-    let running = spawn(connector(&manifest(sim.addr().port(), SHARED, &table, ", payloadColumn: payload, pollIntervalMs: 50")));
+    let running =
+        spawn(connector(&manifest(sim.addr().port(), SHARED, &table, ", payloadColumn: payload, pollIntervalMs: 50")));
     // The reader must hold id 2 back while id 1's transaction is open (several polls go by).
     tokio::time::sleep(Duration::from_millis(1500)).await;
     assert_eq!(sim.with(|s| s.processed_count(&stream)), 0, "nothing passes the fence while an older writer runs");
@@ -287,7 +299,12 @@ async fn server_restart_reconnects() {
     let mut expected = insert(&client, &table, 0, 200).await;
     let sim = sim().await;
     let stream = format!("postgres:{table}");
-    let running = spawn(connector(&manifest(sim.addr().port(), THROWAWAY, &table, ", payloadColumn: payload, pollIntervalMs: 100")));
+    let running = spawn(connector(&manifest(
+        sim.addr().port(),
+        THROWAWAY,
+        &table,
+        ", payloadColumn: payload, pollIntervalMs: 100",
+    )));
     assert!(wait_count(&sim, &stream, 200).await);
     drop(client);
     service("postgres-2pc.sh", "restart");

@@ -84,7 +84,11 @@ pub struct PostgresSink {
 }
 
 /// `url` inline or from a secret.
-pub fn resolve_url(url: &Option<String>, url_from: &Option<wallaroo_crds::SecretValue>, field: &str) -> Result<String, String> {
+pub fn resolve_url(
+    url: &Option<String>,
+    url_from: &Option<wallaroo_crds::SecretValue>,
+    field: &str,
+) -> Result<String, String> {
     match (url_from, url) {
         (Some(s), _) => s.resolve(&format!("{field}From")).map_err(|e| e.to_string()),
         (None, Some(u)) => Ok(u.clone()),
@@ -111,7 +115,9 @@ impl PostgresSink {
         };
         match sink.init().await {
             Ok(mode) => tracing::info!(table = %sink.table, mode = mode.as_str(), "postgres sink ready"),
-            Err(SinkError::Transient(e)) => tracing::warn!(error = %e, "postgres not reachable yet; will retry when a worker connects"),
+            Err(SinkError::Transient(e)) => {
+                tracing::warn!(error = %e, "postgres not reachable yet; will retry when a worker connects")
+            }
             Err(e) => return Err(e),
         }
         Ok(sink)
@@ -209,7 +215,8 @@ impl SinkIntegration for PostgresSink {
         *w = Worker::default();
         let client = self.control.get().await?;
         let committed = schema::committed_end(&*client, &self.table, worker).await?.unwrap_or(0);
-        let mut candidates: Vec<Txn> = prepared::list(&client, worker, &self.tag).await?.into_iter().map(|(_, t)| t).collect();
+        let mut candidates: Vec<Txn> =
+            prepared::list(&client, worker, &self.tag).await?.into_iter().map(|(_, t)| t).collect();
         candidates.extend(staging::prepared(&*client, &self.table, worker).await?);
         candidates.sort_by_key(|t| t.end);
         let pending = candidates.pop();

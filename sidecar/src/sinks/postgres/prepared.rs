@@ -101,7 +101,9 @@ async fn finish_copy(copy: &mut Option<OpenCopy>) -> Result<(), SinkError> {
 pub(super) async fn prepare(sink: &PostgresSink, worker: &str, w: &mut Worker, txn: &Txn) -> Result<(), SinkError> {
     let g = gid::gid(worker, txn, &sink.tag).map_err(SinkError::Permanent)?;
     let has_rows = txn.end > txn.start;
-    if has_rows && !(w.in_tx && w.tx_ok && w.round_start == txn.start && w.client.as_ref().is_some_and(|c| !c.is_closed())) {
+    if has_rows
+        && !(w.in_tx && w.tx_ok && w.round_start == txn.start && w.client.as_ref().is_some_and(|c| !c.is_closed()))
+    {
         return Err(SinkError::Permanent(format!(
             "rows of {} are not all in the open transaction (connection lost or a statement failed)",
             txn.id_str()
@@ -120,7 +122,10 @@ pub(super) async fn prepare(sink: &PostgresSink, worker: &str, w: &mut Worker, t
         }
         finish_copy(&mut w.copy).await?;
         schema::set_committed_end(client, &sink.table, worker, txn.end).await?;
-        client.batch_execute(&format!("PREPARE TRANSACTION {}", quote_literal(&g))).await.map_err(|e| classify(e, "PREPARE TRANSACTION"))
+        client
+            .batch_execute(&format!("PREPARE TRANSACTION {}", quote_literal(&g)))
+            .await
+            .map_err(|e| classify(e, "PREPARE TRANSACTION"))
     }
     .await;
     if r.is_err() {

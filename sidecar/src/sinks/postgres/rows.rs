@@ -67,7 +67,11 @@ pub struct Encoder<'a> {
 impl Encoder<'_> {
     /// Appends the rows of `payloads` to `out`, starting a new batch when the column list changes or a batch
     /// is full. Errors name the offending payload's position.
-    pub fn encode<'p>(&self, payloads: impl IntoIterator<Item = &'p Bytes>, out: &mut Vec<CopyBatch>) -> Result<(), String> {
+    pub fn encode<'p>(
+        &self,
+        payloads: impl IntoIterator<Item = &'p Bytes>,
+        out: &mut Vec<CopyBatch>,
+    ) -> Result<(), String> {
         for (n, p) in payloads.into_iter().enumerate() {
             self.encode_one(p, out).map_err(|e| format!("message {n} of the batch: {e}"))?;
         }
@@ -76,7 +80,9 @@ impl Encoder<'_> {
 
     fn batch_for<'o>(&self, columns: &[&str], out: &'o mut Vec<CopyBatch>) -> &'o mut CopyBatch {
         let reuse = out.last().is_some_and(|b| {
-            b.rows < self.batch_rows && b.columns.len() == columns.len() && b.columns.iter().zip(columns).all(|(a, b)| a == b)
+            b.rows < self.batch_rows
+                && b.columns.len() == columns.len()
+                && b.columns.iter().zip(columns).all(|(a, b)| a == b)
         });
         if !reuse {
             out.push(CopyBatch { columns: columns.iter().map(|c| c.to_string()).collect(), data: Vec::new(), rows: 0 });
@@ -197,7 +203,13 @@ pub fn unframe(chunk: &Bytes) -> Result<Vec<Bytes>, String> {
 mod tests {
     use super::*;
 
-    fn enc(layout: Layout, mapping: PayloadMapping, types: ColumnTypes, rows: usize, payloads: &[&[u8]]) -> Result<Vec<CopyBatch>, String> {
+    fn enc(
+        layout: Layout,
+        mapping: PayloadMapping,
+        types: ColumnTypes,
+        rows: usize,
+        payloads: &[&[u8]],
+    ) -> Result<Vec<CopyBatch>, String> {
         let e = Encoder { layout: &layout, mapping: &mapping, types: &types, batch_rows: rows };
         let owned: Vec<Bytes> = payloads.iter().map(|p| Bytes::copy_from_slice(p)).collect();
         let mut out = Vec::new();
@@ -208,7 +220,8 @@ mod tests {
     #[test]
     fn raw_text_values_are_escaped_and_batched() {
         let layout = Layout::KeyValue { key: None, value: "value".into() };
-        let out = enc(layout, PayloadMapping::default(), ColumnTypes::default(), 2, &[b"a\tb", b"c\\d\n", b"e"]).unwrap();
+        let out =
+            enc(layout, PayloadMapping::default(), ColumnTypes::default(), 2, &[b"a\tb", b"c\\d\n", b"e"]).unwrap();
         assert_eq!(out.len(), 2);
         assert_eq!(out[0].columns, vec!["value".to_string()]);
         assert_eq!(out[0].data, b"a\\tb\nc\\\\d\\n\n".to_vec());

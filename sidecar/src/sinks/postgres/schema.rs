@@ -97,7 +97,12 @@ pub async fn committed_end(client: &impl GenericClient, target: &str, worker: &s
     Ok(row.map(|r| r.get::<_, i64>(0) as u64))
 }
 
-pub async fn set_committed_end(client: &impl GenericClient, target: &str, worker: &str, end: u64) -> Result<(), SinkError> {
+pub async fn set_committed_end(
+    client: &impl GenericClient,
+    target: &str,
+    worker: &str,
+    end: u64,
+) -> Result<(), SinkError> {
     client
         .execute(
             "INSERT INTO wallaroo_sink_offsets (target, worker, committed_end) VALUES ($1, $2, $3)

@@ -23,7 +23,11 @@ pub async fn prepared(client: &impl GenericClient, table: &str, worker: &str) ->
         .map_err(|e| classify(e, "reading wallaroo_sink_txn"))?;
     Ok(rows
         .into_iter()
-        .map(|r| Txn { id: r.get::<_, String>(0).into(), start: r.get::<_, i64>(1) as u64, end: r.get::<_, i64>(2) as u64 })
+        .map(|r| Txn {
+            id: r.get::<_, String>(0).into(),
+            start: r.get::<_, i64>(1) as u64,
+            end: r.get::<_, i64>(2) as u64,
+        })
         .collect())
 }
 
@@ -96,7 +100,9 @@ async fn copy_staged(
     for r in &ranges {
         let (s, e) = (r.get::<_, i64>(0) as u64, r.get::<_, i64>(1) as u64);
         if s != at {
-            return Err(SinkError::Permanent(format!("staged rows have a gap at offset {at} (next chunk starts at {s})")));
+            return Err(SinkError::Permanent(format!(
+                "staged rows have a gap at offset {at} (next chunk starts at {s})"
+            )));
         }
         at = e;
     }

@@ -254,7 +254,9 @@ impl Reader {
             let payload = match r.try_get::<_, Option<Vec<u8>>>(1) {
                 Ok(v) => Bytes::from(v.unwrap_or_default()),
                 Err(_) => Bytes::from(
-                    r.try_get::<_, Option<String>>(1).map_err(|e| ReadError::Fatal(format!("payload: {e}")))?.unwrap_or_default(),
+                    r.try_get::<_, Option<String>>(1)
+                        .map_err(|e| ReadError::Fatal(format!("payload: {e}")))?
+                        .unwrap_or_default(),
                 ),
             };
             out.push((id, payload));
