@@ -66,8 +66,8 @@ pub(super) async fn stage(
                 finish_copy(&mut w.copy).await?;
             }
             if w.copy.is_none() {
-                let sink = client.copy_in::<_, Bytes>(&b.sql(&sink.table)).await.map_err(|e| classify(e, "COPY"))?;
-                w.copy = Some(OpenCopy { columns: b.columns.clone(), sink: Box::pin(sink) });
+                let copy = client.copy_in::<_, Bytes>(&b.sql(&sink.table)).await.map_err(|e| classify(e, "COPY"))?;
+                w.copy = Some(OpenCopy { columns: b.columns.clone(), sink: Box::pin(copy) });
             }
             if let Some(c) = w.copy.as_mut() {
                 c.sink.send(Bytes::from(b.data)).await.map_err(|e| classify(e, "COPY data"))?;

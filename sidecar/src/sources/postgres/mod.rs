@@ -119,10 +119,8 @@ impl SourceIntegration for PostgresSource {
                                 )));
                             };
                             c.after = id;
-                            ctx.metrics.bytes_total.inc_by(payload.len() as u64);
                             batch.push(Record { por, key: None, payload });
                         }
-                        ctx.metrics.messages_total.inc_by(batch.len() as u64);
                         want_read = full;
                         if fence_waiting && !full {
                             wait = fence_wait;
