@@ -264,3 +264,18 @@ impl Reader {
         Ok((out, waiting))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_and_trigger() {
+        assert_eq!(default_channel("public.orders"), "wallaroo_public_orders");
+        assert_eq!(quote_ident("public.Orders"), "\"public\".\"Orders\"");
+        let sql = trigger_sql("public.orders", "it's");
+        assert!(sql.contains("pg_notify('it''s', '')"), "{sql}");
+        assert!(sql.contains("AFTER INSERT ON \"public\".\"orders\" FOR EACH STATEMENT"), "{sql}");
+        assert!(sql.contains("CREATE OR REPLACE FUNCTION \"wallaroo_notify_public_orders\"()"), "{sql}");
+    }
+}
