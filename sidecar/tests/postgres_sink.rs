@@ -268,8 +268,19 @@ async fn crash_between_phases(mode: Mode, checkpoint_completed: bool) {
     }
     expected.extend(c.iter().cloned());
     assert_eq!(wait_values(&client, &table, expected.len()).await, expected);
-    let prepared_left: i64 =
-        client.query_one("SELECT count(*) FROM pg_prepared_xacts WHERE gid LIKE $1", &[&gids]).await.unwrap().get(0);
+    // The last round's Phase 2 is fire-and-forget for the worker: give it a moment to land.
+    let mut prepared_left: i64 = -1;
+    for _ in 0..100 {
+        prepared_left = client
+            .query_one("SELECT count(*) FROM pg_prepared_xacts WHERE gid LIKE $1", &[&gids])
+            .await
+            .unwrap()
+            .get(0);
+        if prepared_left == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     assert_eq!(prepared_left, 0, "no prepared transaction left behind");
     let _ = sidecar2.child.kill();
     let _ = sidecar2.child.wait();
@@ -405,4 +416,41 @@ async fn staging_permanent_error_votes_abort() {
 #[tokio::test]
 async fn prepared_permanent_error_votes_abort() {
     permanent_error_votes_abort(Mode::Prepared).await;
+}
+
+async fn gap_votes_abort(mode: Mode) {
+    let client = db(mode).await;
+    let table = unique("sink_gap");
+    create_table(&client, &table).await;
+    let port = free_port();
+    let running = spawn(connector(&manifest(port, mode, &table, "")));
+    let mut w = connect_sim(port, &format!("w-{table}")).await;
+    let a = batch("a", 0..100);
+    send_all(&mut w, &a).await;
+    assert_eq!(w.checkpoint().await.unwrap(), RoundOutcome::Committed);
+    // Rows staged before and after a gap: the round votes abort and none of them may appear.
+    send_all(&mut w, &batch("lost", 0..50)).await;
+    w.lose(7);
+    send_all(&mut w, &batch("lost", 50..100)).await;
+    assert_eq!(w.checkpoint().await.unwrap(), RoundOutcome::Aborted);
+    w.reconnect().await.unwrap();
+    assert!(w.resolved.is_empty(), "an abort vote leaves nothing pending");
+    let b = batch("b", 0..100);
+    send_all(&mut w, &b).await;
+    assert_eq!(w.checkpoint().await.unwrap(), RoundOutcome::Committed);
+    assert_eq!(w.checkpoint().await.unwrap(), RoundOutcome::Committed);
+    let expected: Vec<String> = a.iter().chain(&b).cloned().collect();
+    assert_eq!(wait_values(&client, &table, expected.len()).await, expected);
+    running.stop.cancel();
+    let _ = tokio::time::timeout(Duration::from_secs(10), running.task).await;
+}
+
+#[tokio::test]
+async fn staging_gap_votes_abort_and_the_replay_commits() {
+    gap_votes_abort(Mode::Staging).await;
+}
+
+#[tokio::test]
+async fn prepared_gap_votes_abort_and_the_replay_commits() {
+    gap_votes_abort(Mode::Prepared).await;
 }
