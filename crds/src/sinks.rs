@@ -121,8 +121,24 @@ pub struct PostgresSink {
     /// Rows per INSERT/COPY batch (default 1000).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub batch_size: Option<u32>,
+    /// How Phase 1 holds a checkpoint's rows: `auto` (default) uses `PREPARE TRANSACTION` when the server
+    /// allows it (`max_prepared_transactions > 0`) and staging tables otherwise.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub two_phase: Option<PostgresTwoPhase>,
 }
 payload_mapping!(PostgresSink);
+
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, Default, JsonSchema, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub enum PostgresTwoPhase {
+    /// `prepared` when `max_prepared_transactions > 0`, else `staging`.
+    #[default]
+    Auto,
+    /// `PREPARE TRANSACTION` / `COMMIT PREPARED` (needs `max_prepared_transactions > 0`).
+    Prepared,
+    /// Rows staged in `wallaroo_sink_staging` and moved into the table at commit (works on any server).
+    Staging,
+}
 
 fn key_column() -> String {
     "key".to_string()

@@ -60,18 +60,8 @@ async fn reconnect(sim: &mut SinkSim) {
 
 /// Every published checkpoint object of `worker`, concatenated in name order.
 async fn published(s3: &aws_sdk_s3::Client, bucket: &str, worker: &str) -> String {
-    let out = s3
-        .list_objects_v2()
-        .bucket(bucket)
-        .prefix(format!("out/{worker}/"))
-        .send()
-        .await
-        .unwrap();
-    let mut keys: Vec<String> = out
-        .contents()
-        .iter()
-        .filter_map(|o| o.key().map(str::to_string))
-        .collect();
+    let out = s3.list_objects_v2().bucket(bucket).prefix(format!("out/{worker}/")).send().await.unwrap();
+    let mut keys: Vec<String> = out.contents().iter().filter_map(|o| o.key().map(str::to_string)).collect();
     keys.sort();
     let mut text = String::new();
     for k in keys {
@@ -90,11 +80,7 @@ async fn wait_published(s3: &aws_sdk_s3::Client, bucket: &str, worker: &str, wan
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    assert_eq!(
-        published(s3, bucket, worker).await,
-        want,
-        "{worker}: published output"
-    );
+    assert_eq!(published(s3, bucket, worker).await, want, "{worker}: published output");
 }
 
 async fn send_round(sim: &mut SinkSim, tag: &str, n: usize) -> String {
@@ -130,11 +116,7 @@ async fn s3_sink_survives_kill9_between_phases() {
     let round = send_round(&mut w1, "c", 40).await;
     assert!(w1.phase1().await.unwrap());
     sidecar.kill9();
-    assert_eq!(
-        published(&s3, &bucket, "w1").await,
-        want1,
-        "nothing published before Phase 2"
-    );
+    assert_eq!(published(&s3, &bucket, "w1").await, want1, "nothing published before Phase 2");
     w1.complete_without_phase2();
     let sidecar = Sidecar::start(dir.path(), &manifest);
     reconnect(&mut w1).await;
@@ -169,10 +151,7 @@ async fn s3_missing_bucket_votes_abort() {
     aws_common::require_moto().await;
     let dir = tempfile::tempdir().unwrap();
     let (port, metrics) = (common::free_port(), common::free_port());
-    let sidecar = Sidecar::start(
-        dir.path(),
-        &s3_manifest(port, metrics, &aws_common::unique("missing")),
-    );
+    let sidecar = Sidecar::start(dir.path(), &s3_manifest(port, metrics, &aws_common::unique("missing")));
     let mut w = connect_sink(port, "w").await;
     send_round(&mut w, "x", 5).await;
     assert_eq!(w.checkpoint().await.unwrap(), RoundOutcome::Aborted);
@@ -222,12 +201,7 @@ async fn put(k: &aws_sdk_kinesis::Client, stream: &str, range: std::ops::Range<u
                     .unwrap()
             })
             .collect();
-        k.put_records()
-            .stream_name(stream)
-            .set_records(Some(entries))
-            .send()
-            .await
-            .unwrap();
+        k.put_records().stream_name(stream).set_records(Some(entries)).send().await.unwrap();
     }
 }
 
@@ -235,9 +209,7 @@ async fn put(k: &aws_sdk_kinesis::Client, stream: &str, range: std::ops::Range<u
 async fn expected(k: &aws_sdk_kinesis::Client, stream: &str) -> HashMap<String, Vec<String>> {
     let mut m: HashMap<String, Vec<String>> = HashMap::new();
     for (shard, _, data) in aws_common::read_all(k, stream).await {
-        m.entry(format!("kinesis:{stream}:{shard}"))
-            .or_default()
-            .push(String::from_utf8(data).unwrap());
+        m.entry(format!("kinesis:{stream}:{shard}")).or_default().push(String::from_utf8(data).unwrap());
     }
     m
 }
@@ -248,41 +220,29 @@ async fn kinesis_source_restarts() {
     let stream = aws_common::unique("e2e");
     aws_common::create_stream(&k, &stream, 2).await;
     put(&k, &stream, 0..300).await;
-    let sim = SourceSim::start(SourceSimConfig {
-        checkpoint_every: Some(Duration::from_millis(50)),
-        ..Default::default()
-    })
-    .await
-    .unwrap();
+    let sim =
+        SourceSim::start(SourceSimConfig { checkpoint_every: Some(Duration::from_millis(50)), ..Default::default() })
+            .await
+            .unwrap();
     let dir = tempfile::tempdir().unwrap();
     let manifest = kinesis_manifest(sim.addr().port(), common::free_port(), &stream);
     let check = |want: &HashMap<String, Vec<String>>| {
         for (name, records) in want {
-            let got: Vec<String> = sim
-                .processed(name)
-                .iter()
-                .map(|(_, p)| String::from_utf8_lossy(p).into_owned())
-                .collect();
+            let got: Vec<String> =
+                sim.processed(name).iter().map(|(_, p)| String::from_utf8_lossy(p).into_owned()).collect();
             assert_eq!(&got, records, "{name}: every record once, in shard order");
         }
     };
 
     let sidecar = Sidecar::start(dir.path(), &manifest);
-    assert!(
-        sim.wait_until(Duration::from_secs(60), |s| s.processed_total() >= 300)
-            .await,
-        "first 300"
-    );
+    assert!(sim.wait_until(Duration::from_secs(60), |s| s.processed_total() >= 300).await, "first 300");
     check(&expected(&k, &stream).await);
     // Let a checkpoint cover everything, then stop cleanly: a restart must not deliver any of it again.
     let want = expected(&k, &stream).await;
     let names: Vec<String> = want.keys().cloned().collect();
     assert!(
         sim.wait_until(Duration::from_secs(30), |s| {
-            names.iter().all(|n| {
-                s.acked(n)
-                    .is_some_and(|a| s.processed(n).last().is_some_and(|(id, _)| *id == a))
-            })
+            names.iter().all(|n| s.acked(n).is_some_and(|a| s.processed(n).last().is_some_and(|(id, _)| *id == a)))
         })
         .await
     );
@@ -290,36 +250,20 @@ async fn kinesis_source_restarts() {
     let dups_before = sim.stats().duplicates;
     put(&k, &stream, 300..400).await;
     let sidecar = Sidecar::start(dir.path(), &manifest);
-    assert!(
-        sim.wait_until(Duration::from_secs(60), |s| s.processed_total() >= 400)
-            .await,
-        "next 100"
-    );
+    assert!(sim.wait_until(Duration::from_secs(60), |s| s.processed_total() >= 400).await, "next 100");
     check(&expected(&k, &stream).await);
-    assert_eq!(
-        sim.stats().duplicates,
-        dups_before,
-        "nothing acknowledged was delivered again after a clean restart"
-    );
+    assert_eq!(sim.stats().duplicates, dups_before, "nothing acknowledged was delivered again after a clean restart");
 
     // kill -9 while records flow: at-least-once, and the worker's de-duplicated log stays exact.
     put(&k, &stream, 400..700).await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     sidecar.kill9();
     let sidecar = Sidecar::start(dir.path(), &manifest);
-    assert!(
-        sim.wait_until(Duration::from_secs(60), |s| s.processed_total() >= 700)
-            .await,
-        "after kill -9"
-    );
+    assert!(sim.wait_until(Duration::from_secs(60), |s| s.processed_total() >= 700).await, "after kill -9");
     check(&expected(&k, &stream).await);
     sim.with(|s| {
         let st = s.stats();
-        assert_eq!(
-            (st.credit_overruns, st.second_hello, st.protocol_errors),
-            (0, 0, 0),
-            "{st:?}"
-        );
+        assert_eq!((st.credit_overruns, st.second_hello, st.protocol_errors), (0, 0, 0), "{st:?}");
     });
     sidecar.stop();
 }
@@ -375,18 +319,8 @@ spec:
         per_key.entry(key).or_default().push(i);
     }
     for (key, v) in per_key {
-        assert_eq!(
-            v,
-            (0..120)
-                .filter(|i| format!("k{}", i % 4) == key)
-                .collect::<Vec<_>>(),
-            "{key}"
-        );
+        assert_eq!(v, (0..120).filter(|i| format!("k{}", i % 4) == key).collect::<Vec<_>>(), "{key}");
     }
     running.stop.cancel();
-    tokio::time::timeout(Duration::from_secs(30), running.task)
-        .await
-        .unwrap()
-        .unwrap()
-        .unwrap();
+    tokio::time::timeout(Duration::from_secs(30), running.task).await.unwrap().unwrap().unwrap();
 }

@@ -2,9 +2,7 @@
 use wallaroo_crds::{load_connectors, parse_connectors};
 
 fn example(name: &str) -> std::path::PathBuf {
-    std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../examples/connectors")
-        .join(name)
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/connectors").join(name)
 }
 
 #[test]

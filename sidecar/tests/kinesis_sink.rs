@@ -35,14 +35,9 @@ fn records(n: usize) -> (Vec<SinkRecord>, u64) {
     let mut off = 0;
     let mut out = Vec::new();
     for i in 0..n {
-        let p = Bytes::from(
-            json!({"id": format!("key-{}", i % 7), "v": format!("value-{i}")}).to_string(),
-        );
+        let p = Bytes::from(json!({"id": format!("key-{}", i % 7), "v": format!("value-{i}")}).to_string());
         let len = p.len() as u64;
-        out.push(SinkRecord {
-            offset: off,
-            payload: p,
-        });
+        out.push(SinkRecord { offset: off, payload: p });
         off += len;
     }
     (out, off)
@@ -59,11 +54,7 @@ fn check(landed: &[(String, String, Vec<u8>)], n: usize, ordered: bool) {
     }
     let mut all: Vec<usize> = per_key.values().flatten().copied().collect();
     all.sort();
-    assert_eq!(
-        all,
-        (0..n).collect::<Vec<_>>(),
-        "every message exactly once"
-    );
+    assert_eq!(all, (0..n).collect::<Vec<_>>(), "every message exactly once");
     for (k, v) in per_key.iter().filter(|_| ordered) {
         assert!(v.windows(2).all(|w| w[0] < w[1]), "order of {k}: {v:?}");
     }
@@ -74,9 +65,7 @@ async fn records_land_in_batches() {
     let k = aws_common::kinesis().await;
     let stream = aws_common::unique("sink");
     aws_common::create_stream(&k, &stream, 2).await;
-    let sink = KinesisSink::connect(config(&stream, aws_common::ENDPOINT), Health::new())
-        .await
-        .unwrap();
+    let sink = KinesisSink::connect(config(&stream, aws_common::ENDPOINT), Health::new()).await.unwrap();
     assert_eq!(sink.guarantee(), Guarantee::AtLeastOnce);
     sink.recover("w").await.unwrap();
     // 1234 records: two full batches of 500 leave during staging, the rest in Phase 1.
@@ -84,26 +73,8 @@ async fn records_land_in_batches() {
     sink.stage("w", recs).await.unwrap();
     let before = aws_common::read_all(&k, &stream).await.len();
     assert_eq!(before, 1000, "full batches are sent while staging");
-    sink.prepare(
-        "w",
-        &Txn {
-            id: Bytes::from_static(b"t"),
-            start: 0,
-            end,
-        },
-    )
-    .await
-    .unwrap();
-    sink.commit(
-        "w",
-        &Txn {
-            id: Bytes::from_static(b"t"),
-            start: 0,
-            end,
-        },
-    )
-    .await
-    .unwrap();
+    sink.prepare("w", &Txn { id: Bytes::from_static(b"t"), start: 0, end }).await.unwrap();
+    sink.commit("w", &Txn { id: Bytes::from_static(b"t"), start: 0, end }).await.unwrap();
     check(&aws_common::read_all(&k, &stream).await, 1234, true);
 }
 
@@ -114,27 +85,12 @@ async fn refused_records_are_retried() {
     aws_common::create_stream(&k, &stream, 1).await;
     let refusals = Arc::new(AtomicU32::new(3));
     let proxy = throttling_proxy("127.0.0.1:5000".parse().unwrap(), refusals.clone()).await;
-    let sink = KinesisSink::connect(config(&stream, &format!("http://{proxy}")), Health::new())
-        .await
-        .unwrap();
+    let sink = KinesisSink::connect(config(&stream, &format!("http://{proxy}")), Health::new()).await.unwrap();
     sink.recover("w").await.unwrap();
     let (recs, end) = records(40);
     sink.stage("w", recs).await.unwrap();
-    sink.prepare(
-        "w",
-        &Txn {
-            id: Bytes::from_static(b"t"),
-            start: 0,
-            end,
-        },
-    )
-    .await
-    .unwrap();
-    assert_eq!(
-        refusals.load(Ordering::SeqCst),
-        0,
-        "the proxy refused records three times"
-    );
+    sink.prepare("w", &Txn { id: Bytes::from_static(b"t"), start: 0, end }).await.unwrap();
+    assert_eq!(refusals.load(Ordering::SeqCst), 0, "the proxy refused records three times");
     let landed = aws_common::read_all(&k, &stream).await;
     // Retried records land after records of the same key that were accepted in the meantime (documented).
     check(&landed, 40, false);
@@ -148,9 +104,7 @@ async fn read_message(s: &mut TcpStream, buf: &mut Vec<u8>) -> Option<(String, V
             let len = head
                 .lines()
                 .find_map(|l| {
-                    l.to_ascii_lowercase()
-                        .strip_prefix("content-length:")
-                        .map(|v| v.trim().parse::<usize>().unwrap())
+                    l.to_ascii_lowercase().strip_prefix("content-length:").map(|v| v.trim().parse::<usize>().unwrap())
                 })
                 .unwrap_or(0);
             while buf.len() < pos + 4 + len {
@@ -195,24 +149,16 @@ async fn throttling_proxy(upstream: SocketAddr, refusals: Arc<AtomicU32>) -> Soc
             tokio::spawn(async move {
                 let mut cbuf = Vec::new();
                 while let Some((head, body)) = read_message(&mut client, &mut cbuf).await {
-                    let put_records = head
-                        .to_ascii_lowercase()
-                        .contains("kinesis_20131202.putrecords");
+                    let put_records = head.to_ascii_lowercase().contains("kinesis_20131202.putrecords");
                     let refuse = put_records
-                        && refusals
-                            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
-                            .is_ok();
+                        && refusals.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1)).is_ok();
                     let mut kept_mask = Vec::new();
                     let body = if refuse {
                         let mut req: Value = serde_json::from_slice(&body).unwrap();
                         let all = req["Records"].as_array().unwrap().clone();
                         kept_mask = (0..all.len()).map(|i| i % 2 == 0).collect();
-                        let kept: Vec<Value> = all
-                            .into_iter()
-                            .zip(&kept_mask)
-                            .filter(|(_, k)| **k)
-                            .map(|(r, _)| r)
-                            .collect();
+                        let kept: Vec<Value> =
+                            all.into_iter().zip(&kept_mask).filter(|(_, k)| **k).map(|(r, _)| r).collect();
                         req["Records"] = Value::Array(kept);
                         serde_json::to_vec(&req).unwrap()
                     } else {
@@ -253,8 +199,7 @@ async fn throttling_proxy(upstream: SocketAddr, refusals: Arc<AtomicU32>) -> Soc
                                 }
                             })
                             .collect();
-                        serde_json::to_vec(&json!({"FailedRecordCount": failed, "Records": merged}))
-                            .unwrap()
+                        serde_json::to_vec(&json!({"FailedRecordCount": failed, "Records": merged})).unwrap()
                     } else {
                         rbody
                     };

@@ -94,31 +94,19 @@ impl Harness {
                     let id = stream_id_for(name.as_bytes());
                     self.names.insert(id, name.clone());
                     self.events.push(Event::Announced(name.clone()));
-                    let from = self
-                        .positions
-                        .get(&name)
-                        .copied()
-                        .unwrap_or(Position::Beginning);
+                    let from = self.positions.get(&name).copied().unwrap_or(Position::Beginning);
                     self.restart(id, from).await;
                 }
-                Emit::Records {
-                    stream,
-                    generation,
-                    records,
-                } => {
+                Emit::Records { stream, generation, records } => {
                     if self.generations.get(&stream) == Some(&generation) {
-                        self.events
-                            .push(Event::Records(self.names[&stream].clone(), records));
+                        self.events.push(Event::Records(self.names[&stream].clone(), records));
                     }
                 }
                 Emit::End { stream, generation } => {
                     if self.generations.get(&stream) == Some(&generation) {
                         self.events.push(Event::Ended(self.names[&stream].clone()));
                         // The worker confirms the end at its next checkpoint.
-                        self.commands
-                            .send(Command::Finished { stream })
-                            .await
-                            .unwrap();
+                        self.commands.send(Command::Finished { stream }).await.unwrap();
                     }
                 }
             }
@@ -128,14 +116,7 @@ impl Harness {
     async fn restart(&mut self, stream: u64, from: Position) {
         let g = self.generations.get(&stream).map_or(1, |g| g + 1);
         self.generations.insert(stream, g);
-        self.commands
-            .send(Command::Start {
-                stream,
-                from,
-                generation: g,
-            })
-            .await
-            .unwrap();
+        self.commands.send(Command::Start { stream, from, generation: g }).await.unwrap();
     }
 
     /// Records of one stream in delivery order (current generations only).
@@ -151,16 +132,7 @@ impl Harness {
     }
 
     fn total(&self) -> usize {
-        self.events
-            .iter()
-            .map(|e| {
-                if let Event::Records(_, r) = e {
-                    r.len()
-                } else {
-                    0
-                }
-            })
-            .sum()
+        self.events.iter().map(|e| if let Event::Records(_, r) = e { r.len() } else { 0 }).sum()
     }
 
     fn summary(&self) -> Vec<String> {
@@ -193,13 +165,7 @@ async fn put(k: &aws_sdk_kinesis::Client, stream: &str, from: usize, n: usize) {
                     .unwrap()
             })
             .collect();
-        let out = k
-            .put_records()
-            .stream_name(stream)
-            .set_records(Some(entries))
-            .send()
-            .await
-            .unwrap();
+        let out = k.put_records().stream_name(stream).set_records(Some(entries)).send().await.unwrap();
         assert_eq!(out.failed_record_count(), Some(0));
     }
 }
@@ -214,15 +180,11 @@ async fn per_shard(k: &aws_sdk_kinesis::Client, stream: &str) -> HashMap<String,
 }
 
 fn payloads(r: &[Record]) -> Vec<String> {
-    r.iter()
-        .map(|r| String::from_utf8_lossy(&r.payload).into_owned())
-        .collect()
+    r.iter().map(|r| String::from_utf8_lossy(&r.payload).into_owned()).collect()
 }
 
 fn texts(v: &[Vec<u8>]) -> Vec<String> {
-    v.iter()
-        .map(|b| String::from_utf8_lossy(b).into_owned())
-        .collect()
+    v.iter().map(|b| String::from_utf8_lossy(b).into_owned()).collect()
 }
 
 #[tokio::test]
@@ -242,15 +204,8 @@ async fn every_record_once_in_shard_order_and_exact_resume() {
     for (shard, want) in &expected {
         let name = stream_name(&stream, shard);
         let got = h.records(&name);
-        assert_eq!(
-            payloads(&got),
-            texts(want),
-            "{shard}: every record once, in sequence order"
-        );
-        assert!(
-            got.windows(2).all(|w| w[0].por < w[1].por),
-            "points of reference increase"
-        );
+        assert_eq!(payloads(&got), texts(want), "{shard}: every record once, in sequence order");
+        assert!(got.windows(2).all(|w| w[0].por < w[1].por), "points of reference increase");
         same_ms += got.iter().filter(|r| parts(r.por).1 > 0).count();
         // Acknowledge through a record followed by one of the same millisecond when there is one, so the
         // resume has to count within a millisecond.
@@ -262,63 +217,35 @@ async fn every_record_once_in_shard_order_and_exact_resume() {
         }
         acked.insert(name, (got[cut].por, payloads(&got[cut + 1..])));
     }
-    assert!(
-        same_ms > 0,
-        "records in one millisecond: the index part is exercised"
-    );
-    assert!(
-        cuts_in_a_millisecond > 0,
-        "at least one resume point sits inside a millisecond"
-    );
+    assert!(same_ms > 0, "records in one millisecond: the index part is exercised");
+    assert!(cuts_in_a_millisecond > 0, "at least one resume point sits inside a millisecond");
 
     // Within the process: the worker rewinds (reconnect) to an acknowledged point: exact via the sequence map.
-    let (name0, (p0, rest0)) = acked
-        .iter()
-        .next()
-        .map(|(n, v)| (n.clone(), v.clone()))
-        .unwrap();
+    let (name0, (p0, rest0)) = acked.iter().next().map(|(n, v)| (n.clone(), v.clone())).unwrap();
     let id0 = stream_id_for(name0.as_bytes());
     let before = h.events.len();
     h.restart(id0, Position::After(p0)).await;
     h.run_until(30, |h| {
         h.events[before..]
             .iter()
-            .map(|e| {
-                if let Event::Records(n, r) = e {
-                    if *n == name0 { r.len() } else { 0 }
-                } else {
-                    0
-                }
-            })
+            .map(|e| if let Event::Records(n, r) = e { if *n == name0 { r.len() } else { 0 } } else { 0 })
             .sum::<usize>()
             >= rest0.len()
     })
     .await;
     let replayed: Vec<String> = h.events[before..]
         .iter()
-        .filter_map(|e| {
-            if let Event::Records(n, r) = e {
-                (*n == name0).then(|| payloads(r))
-            } else {
-                None
-            }
-        })
+        .filter_map(|e| if let Event::Records(n, r) = e { (*n == name0).then(|| payloads(r)) } else { None })
         .flatten()
         .collect();
-    assert_eq!(
-        replayed, rest0,
-        "rewind inside the process resumes right after the acknowledged record"
-    );
+    assert_eq!(replayed, rest0, "rewind inside the process resumes right after the acknowledged record");
 
     // kill -9, then a new process starts at the acknowledged points: nothing acknowledged comes again,
     // nothing after it is missing (recounted from the arrival timestamp).
     h.kill();
     put(&k, &stream, 400, 50).await;
     let after = per_shard(&k, &stream).await;
-    let positions = acked
-        .iter()
-        .map(|(n, (p, _))| (n.clone(), Position::After(*p)))
-        .collect();
+    let positions = acked.iter().map(|(n, (p, _))| (n.clone(), Position::After(*p))).collect();
     let mut h = Harness::start(config(&stream, StartFrom::Earliest), positions);
     let want_total: usize = acked.values().map(|(_, rest)| rest.len()).sum::<usize>() + 50;
     h.run_until(60, |h| h.total() >= want_total).await;
@@ -328,18 +255,12 @@ async fn every_record_once_in_shard_order_and_exact_resume() {
         let got = payloads(&h.records(&name));
         let mut want = rest.clone();
         want.extend(texts(&all[expected[shard].len()..]));
-        assert_eq!(
-            got, want,
-            "{shard}: exactly the records after the acknowledged one"
-        );
+        assert_eq!(got, want, "{shard}: exactly the records after the acknowledged one");
     }
     // Nothing more trickles in.
     tokio::time::sleep(Duration::from_millis(500)).await;
     while let Ok(e) = h.emit.try_recv() {
-        assert!(
-            !matches!(e, Emit::Records { .. }),
-            "unexpected extra records: {e:?}"
-        );
+        assert!(!matches!(e, Emit::Records { .. }), "unexpected extra records: {e:?}");
     }
     h.kill();
 }
@@ -358,10 +279,7 @@ async fn latest_skips_what_was_there_before() {
     h.run_until(30, |h| h.total() >= 5).await;
     let shard = per_shard(&k, &stream).await.into_keys().next().unwrap();
     let got = payloads(&h.records(&stream_name(&stream, &shard)));
-    assert_eq!(
-        got,
-        (20..25).map(|i| format!("msg-{i}")).collect::<Vec<_>>()
-    );
+    assert_eq!(got, (20..25).map(|i| format!("msg-{i}")).collect::<Vec<_>>());
     // The worker rewinds to the beginning before acknowledging anything: the records read since the LATEST
     // start come again (LATEST again would lose them).
     let name = stream_name(&stream, &shard);
@@ -369,44 +287,21 @@ async fn latest_skips_what_was_there_before() {
     let before = h.events.len();
     h.restart(id, Position::Beginning).await;
     h.run_until(30, |h| {
-        h.events[before..]
-            .iter()
-            .map(|e| {
-                if let Event::Records(_, r) = e {
-                    r.len()
-                } else {
-                    0
-                }
-            })
-            .sum::<usize>()
-            >= 5
+        h.events[before..].iter().map(|e| if let Event::Records(_, r) = e { r.len() } else { 0 }).sum::<usize>() >= 5
     })
     .await;
     let again: Vec<String> = h.events[before..]
         .iter()
-        .filter_map(|e| {
-            if let Event::Records(_, r) = e {
-                Some(payloads(r))
-            } else {
-                None
-            }
-        })
+        .filter_map(|e| if let Event::Records(_, r) = e { Some(payloads(r)) } else { None })
         .flatten()
         .collect();
-    assert_eq!(
-        again,
-        (20..25).map(|i| format!("msg-{i}")).collect::<Vec<_>>()
-    );
+    assert_eq!(again, (20..25).map(|i| format!("msg-{i}")).collect::<Vec<_>>());
     h.kill();
 }
 
 async fn shard_ids(k: &aws_sdk_kinesis::Client, stream: &str) -> Vec<String> {
     let out = k.list_shards().stream_name(stream).send().await.unwrap();
-    out.shards
-        .unwrap_or_default()
-        .into_iter()
-        .map(|s| s.shard_id)
-        .collect()
+    out.shards.unwrap_or_default().into_iter().map(|s| s.shard_id).collect()
 }
 
 /// SplitShard: both children start only after the parent ended. (Moto keeps routing writes to the closed
@@ -428,41 +323,18 @@ async fn split_announces_children_after_the_parent_ended() {
         .send()
         .await
         .unwrap();
-    let children: Vec<String> = shard_ids(&k, &stream)
-        .await
-        .into_iter()
-        .filter(|s| *s != parent)
-        .collect();
+    let children: Vec<String> = shard_ids(&k, &stream).await.into_iter().filter(|s| *s != parent).collect();
     assert_eq!(children.len(), 2);
     let names: Vec<String> = children.iter().map(|c| stream_name(&stream, c)).collect();
-    h.run_until(60, |h| {
-        names
-            .iter()
-            .all(|n| h.events.contains(&Event::Announced(n.clone())))
-    })
-    .await;
+    h.run_until(60, |h| names.iter().all(|n| h.events.contains(&Event::Announced(n.clone())))).await;
     let parent_name = stream_name(&stream, &parent);
-    let ended_at = h
-        .events
-        .iter()
-        .position(|e| *e == Event::Ended(parent_name.clone()))
-        .expect("parent ended");
+    let ended_at = h.events.iter().position(|e| *e == Event::Ended(parent_name.clone())).expect("parent ended");
     for n in &names {
-        let announced = h
-            .events
-            .iter()
-            .position(|e| *e == Event::Announced(n.clone()))
-            .unwrap();
-        assert!(
-            announced > ended_at,
-            "{n} announced only after its parent ended"
-        );
+        let announced = h.events.iter().position(|e| *e == Event::Announced(n.clone())).unwrap();
+        assert!(announced > ended_at, "{n} announced only after its parent ended");
     }
     let parent_got = payloads(&h.records(&parent_name));
-    assert_eq!(
-        parent_got,
-        (0..30).map(|i| format!("msg-{i}")).collect::<Vec<_>>()
-    );
+    assert_eq!(parent_got, (0..30).map(|i| format!("msg-{i}")).collect::<Vec<_>>());
     h.kill();
 }
 
@@ -484,37 +356,19 @@ async fn merge_waits_for_both_parents() {
         .await
         .unwrap();
     let held = per_shard(&k, &stream).await;
-    let child = shard_ids(&k, &stream)
-        .await
-        .into_iter()
-        .find(|s| !parents.contains(s))
-        .unwrap();
+    let child = shard_ids(&k, &stream).await.into_iter().find(|s| !parents.contains(s)).unwrap();
     let total: usize = held.values().map(Vec::len).sum();
     assert_eq!(held[&child].len(), 40);
     let mut h = Harness::start(config(&stream, StartFrom::Earliest), HashMap::new());
     h.run_until(60, |h| h.total() >= total).await;
     let child_name = stream_name(&stream, &child);
-    let announced = h
-        .events
-        .iter()
-        .position(|e| *e == Event::Announced(child_name.clone()))
-        .unwrap();
-    let first_child_records = h
-        .events
-        .iter()
-        .position(|e| matches!(e, Event::Records(n, _) if *n == child_name))
-        .unwrap();
+    let announced = h.events.iter().position(|e| *e == Event::Announced(child_name.clone())).unwrap();
+    let first_child_records =
+        h.events.iter().position(|e| matches!(e, Event::Records(n, _) if *n == child_name)).unwrap();
     for p in &parents {
         let name = stream_name(&stream, p);
-        let ended = h
-            .events
-            .iter()
-            .position(|e| *e == Event::Ended(name.clone()))
-            .expect("parent ended");
-        assert!(
-            ended < announced && announced < first_child_records,
-            "{p} ended before the merged child started"
-        );
+        let ended = h.events.iter().position(|e| *e == Event::Ended(name.clone())).expect("parent ended");
+        assert!(ended < announced && announced < first_child_records, "{p} ended before the merged child started");
         assert_eq!(payloads(&h.records(&name)), texts(&held[p]));
     }
     assert_eq!(payloads(&h.records(&child_name)), texts(&held[&child]));

@@ -33,9 +33,7 @@ async fn bucket() -> (aws_sdk_s3::Client, String) {
 }
 
 async fn sink(bucket: &str, prefix: &str, object_per: ObjectPer) -> S3Sink {
-    S3Sink::connect(config(bucket, prefix, object_per), Health::new())
-        .await
-        .unwrap()
+    S3Sink::connect(config(bucket, prefix, object_per), Health::new()).await.unwrap()
 }
 
 /// Length-prefixed messages at contiguous offsets from `start`.
@@ -46,58 +44,31 @@ fn messages(start: u64, kv: &[(&str, &str)]) -> (Vec<SinkRecord>, u64) {
         let mut p = (k.len() as u32).to_be_bytes().to_vec();
         p.extend_from_slice(k.as_bytes());
         p.extend_from_slice(v.as_bytes());
-        out.push(SinkRecord {
-            offset: off,
-            payload: Bytes::from(p.clone()),
-        });
+        out.push(SinkRecord { offset: off, payload: Bytes::from(p.clone()) });
         off += p.len() as u64;
     }
     (out, off)
 }
 
 fn txn(id: &str, start: u64, end: u64) -> Txn {
-    Txn {
-        id: Bytes::from(id.to_string()),
-        start,
-        end,
-    }
+    Txn { id: Bytes::from(id.to_string()), start, end }
 }
 
 async fn keys(s3: &aws_sdk_s3::Client, bucket: &str, prefix: &str) -> Vec<String> {
-    let out = s3
-        .list_objects_v2()
-        .bucket(bucket)
-        .prefix(prefix)
-        .send()
-        .await
-        .unwrap();
-    let mut k: Vec<String> = out
-        .contents()
-        .iter()
-        .filter_map(|o| o.key().map(str::to_string))
-        .collect();
+    let out = s3.list_objects_v2().bucket(bucket).prefix(prefix).send().await.unwrap();
+    let mut k: Vec<String> = out.contents().iter().filter_map(|o| o.key().map(str::to_string)).collect();
     k.sort();
     k
 }
 
 async fn body(s3: &aws_sdk_s3::Client, bucket: &str, key: &str) -> Vec<u8> {
-    let o = s3
-        .get_object()
-        .bucket(bucket)
-        .key(key)
-        .send()
-        .await
-        .unwrap();
+    let o = s3.get_object().bucket(bucket).key(key).send().await.unwrap();
     o.body.collect().await.unwrap().into_bytes().to_vec()
 }
 
 /// Published objects: everything outside `<prefix>_wallaroo/`.
 async fn published(s3: &aws_sdk_s3::Client, bucket: &str, prefix: &str) -> Vec<String> {
-    keys(s3, bucket, prefix)
-        .await
-        .into_iter()
-        .filter(|k| !k.starts_with(&format!("{prefix}_wallaroo/")))
-        .collect()
+    keys(s3, bucket, prefix).await.into_iter().filter(|k| !k.starts_with(&format!("{prefix}_wallaroo/"))).collect()
 }
 
 #[tokio::test]
@@ -113,10 +84,7 @@ async fn committed_rounds_publish_once_aborted_never() {
     // Staged but not prepared: nothing published.
     assert!(published(&s3, &b, "out/").await.is_empty());
     sink.prepare("w1", &txn("t1", 0, end1)).await.unwrap();
-    assert!(
-        published(&s3, &b, "out/").await.is_empty(),
-        "Phase 1 must not publish"
-    );
+    assert!(published(&s3, &b, "out/").await.is_empty(), "Phase 1 must not publish");
     sink.commit("w1", &txn("t1", 0, end1)).await.unwrap();
     assert_eq!(published(&s3, &b, "out/").await, vec!["out/a", "out/b"]);
     // A later value of the same key wins, as upstream's put_object did.
@@ -125,10 +93,7 @@ async fn committed_rounds_publish_once_aborted_never() {
     // Repeating Phase 2 (a crash after commit) changes nothing.
     sink.commit("w1", &txn("t1", 0, end1)).await.unwrap();
     assert_eq!(published(&s3, &b, "out/").await, vec!["out/a", "out/b"]);
-    assert_eq!(
-        keys(&s3, &b, "out/_wallaroo/").await,
-        vec!["out/_wallaroo/offsets/w1.json"]
-    );
+    assert_eq!(keys(&s3, &b, "out/_wallaroo/").await, vec!["out/_wallaroo/offsets/w1.json"]);
 
     // An aborted round publishes nothing and leaves nothing behind.
     let (recs, end2) = messages(end1, &[("c", "x"), ("a", "overwritten?")]);
@@ -137,20 +102,14 @@ async fn committed_rounds_publish_once_aborted_never() {
     sink.abort("w1", &txn("t2", end1, end2)).await.unwrap();
     assert_eq!(published(&s3, &b, "out/").await, vec!["out/a", "out/b"]);
     assert_eq!(body(&s3, &b, "out/a").await, b"3");
-    assert_eq!(
-        keys(&s3, &b, "out/_wallaroo/").await,
-        vec!["out/_wallaroo/offsets/w1.json"]
-    );
+    assert_eq!(keys(&s3, &b, "out/_wallaroo/").await, vec!["out/_wallaroo/offsets/w1.json"]);
 
     // The replay after the abort starts again at end1.
     let (recs, end3) = messages(end1, &[("c", "y")]);
     sink.stage("w1", recs).await.unwrap();
     sink.prepare("w1", &txn("t3", end1, end3)).await.unwrap();
     sink.commit("w1", &txn("t3", end1, end3)).await.unwrap();
-    assert_eq!(
-        published(&s3, &b, "out/").await,
-        vec!["out/a", "out/b", "out/c"]
-    );
+    assert_eq!(published(&s3, &b, "out/").await, vec!["out/a", "out/b", "out/c"]);
     assert_eq!(body(&s3, &b, "out/c").await, b"y");
     let r = sink.recover("w1").await.unwrap();
     assert_eq!(r.committed, Some(end3));
@@ -196,10 +155,7 @@ async fn crash_between_phases_resolves_from_s3() {
     assert_eq!(body(&s3, &b, "k1").await, b"v1b");
     let r = s.recover("w").await.unwrap();
     assert_eq!((r.committed, r.pending), (Some(end2), None));
-    assert_eq!(
-        keys(&s3, &b, "_wallaroo/").await,
-        vec!["_wallaroo/offsets/w.json"]
-    );
+    assert_eq!(keys(&s3, &b, "_wallaroo/").await, vec!["_wallaroo/offsets/w.json"]);
 }
 
 #[tokio::test]
@@ -213,21 +169,12 @@ async fn crash_after_offsets_before_cleanup_counts_as_committed() {
     let manifest = body(&s3, &b, "p/_wallaroo/pending/w.json").await;
     s.commit("w", &txn("t", 0, end)).await.unwrap();
     // Put the manifest back: as if the process died after writing the offsets, before deleting it.
-    s3.put_object()
-        .bucket(&b)
-        .key("p/_wallaroo/pending/w.json")
-        .body(manifest.into())
-        .send()
-        .await
-        .unwrap();
+    s3.put_object().bucket(&b).key("p/_wallaroo/pending/w.json").body(manifest.into()).send().await.unwrap();
     drop(s);
     let s = sink(&b, "p/", ObjectPer::Message).await;
     let r = s.recover("w").await.unwrap();
     assert_eq!((r.committed, r.pending), (Some(end), None));
-    assert_eq!(
-        keys(&s3, &b, "p/_wallaroo/").await,
-        vec!["p/_wallaroo/offsets/w.json"]
-    );
+    assert_eq!(keys(&s3, &b, "p/_wallaroo/").await, vec!["p/_wallaroo/offsets/w.json"]);
     // The worker may still send Phase 2 commit again: idempotent.
     s.commit("w", &txn("t", 0, end)).await.unwrap();
     assert_eq!(published(&s3, &b, "p/").await, vec!["p/x"]);
@@ -258,30 +205,17 @@ async fn two_workers_at_once() {
             s.recover(worker).await.unwrap();
             let mut start = 0;
             for round in 0..3 {
-                let kv: Vec<(String, String)> = (0..20)
-                    .map(|i| {
-                        (
-                            format!("{worker}-{round}-{i}"),
-                            format!("{worker}:{round}:{i}\n"),
-                        )
-                    })
-                    .collect();
-                let kv: Vec<(&str, &str)> =
-                    kv.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+                let kv: Vec<(String, String)> =
+                    (0..20).map(|i| (format!("{worker}-{round}-{i}"), format!("{worker}:{round}:{i}\n"))).collect();
+                let kv: Vec<(&str, &str)> = kv.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
                 let (recs, end) = messages(start, &kv);
                 s.stage(worker, recs).await.unwrap();
-                s.prepare(worker, &txn(&format!("{worker}-{round}"), start, end))
-                    .await
-                    .unwrap();
+                s.prepare(worker, &txn(&format!("{worker}-{round}"), start, end)).await.unwrap();
                 if round == 1 {
-                    s.abort(worker, &txn(&format!("{worker}-{round}"), start, end))
-                        .await
-                        .unwrap();
+                    s.abort(worker, &txn(&format!("{worker}-{round}"), start, end)).await.unwrap();
                     continue;
                 }
-                s.commit(worker, &txn(&format!("{worker}-{round}"), start, end))
-                    .await
-                    .unwrap();
+                s.commit(worker, &txn(&format!("{worker}-{round}"), start, end)).await.unwrap();
                 start = end;
             }
             start
@@ -296,10 +230,7 @@ async fn two_workers_at_once() {
             all.extend(body(&s3, &b, o).await);
         }
         let text = String::from_utf8(all).unwrap();
-        let expected: String = [0, 2]
-            .iter()
-            .flat_map(|r| (0..20).map(move |i| format!("{w}:{r}:{i}\n")))
-            .collect();
+        let expected: String = [0, 2].iter().flat_map(|r| (0..20).map(move |i| format!("{w}:{r}:{i}\n"))).collect();
         assert_eq!(text, expected);
         assert_eq!(s.recover(w).await.unwrap().committed, Some(end));
     }
@@ -309,9 +240,7 @@ async fn two_workers_at_once() {
 async fn checkpoint_objects_assemble_multipart() {
     let (s3, b) = bucket().await;
     // 5 MiB parts: the smallest S3 accepts for all but the last part.
-    let s = sink(&b, "big/", ObjectPer::Checkpoint)
-        .await
-        .with_part_size(5 << 20);
+    let s = sink(&b, "big/", ObjectPer::Checkpoint).await.with_part_size(5 << 20);
     s.recover("w").await.unwrap();
     let chunk = "z".repeat(1 << 20);
     let kv: Vec<(&str, &str)> = (0..11).map(|_| ("k", chunk.as_str())).collect();
@@ -330,12 +259,7 @@ async fn checkpoint_objects_assemble_multipart() {
 #[tokio::test]
 async fn missing_bucket_fails_the_round_not_the_sidecar() {
     aws_common::require_moto().await;
-    let s = sink(
-        &aws_common::unique("no-such-bucket"),
-        "",
-        ObjectPer::Message,
-    )
-    .await;
+    let s = sink(&aws_common::unique("no-such-bucket"), "", ObjectPer::Message).await;
     // No bucket, no state: the worker's offset is adopted and every round fails.
     let r = s.recover("w").await.unwrap();
     assert_eq!((r.committed, r.pending), (None, None));

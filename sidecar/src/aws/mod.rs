@@ -37,19 +37,9 @@ pub async fn sdk_config(s: &AwsSettings<'_>) -> Result<aws_config::SdkConfig, St
     }
     match (s.access_key_id_from, s.secret_access_key_from) {
         (Some(id), Some(secret)) => {
-            let id = id
-                .resolve(&format!("{}.accessKeyIdFrom", s.base))
-                .map_err(|e| e.to_string())?;
-            let secret = secret
-                .resolve(&format!("{}.secretAccessKeyFrom", s.base))
-                .map_err(|e| e.to_string())?;
-            loader = loader.credentials_provider(Credentials::new(
-                id,
-                secret,
-                None,
-                None,
-                "wallaroo-secret",
-            ));
+            let id = id.resolve(&format!("{}.accessKeyIdFrom", s.base)).map_err(|e| e.to_string())?;
+            let secret = secret.resolve(&format!("{}.secretAccessKeyFrom", s.base)).map_err(|e| e.to_string())?;
+            loader = loader.credentials_provider(Credentials::new(id, secret, None, None, "wallaroo-secret"));
         }
         (None, None) => {}
         _ => {
@@ -104,23 +94,14 @@ where
     R: std::fmt::Debug,
 {
     let code = e.code().map(str::to_string);
-    let permanent = matches!(e, SdkError::ServiceError(_))
-        && code
-            .as_deref()
-            .is_some_and(|c| PERMANENT_CODES.contains(&c));
-    Classified {
-        permanent,
-        code,
-        message: format!("{what}: {}", DisplayErrorContext(e)),
-    }
+    let permanent =
+        matches!(e, SdkError::ServiceError(_)) && code.as_deref().is_some_and(|c| PERMANENT_CODES.contains(&c));
+    Classified { permanent, code, message: format!("{what}: {}", DisplayErrorContext(e)) }
 }
 
 /// True when `code` says the thing addressed does not exist (S3 returns bare 404s as `NotFound`).
 pub fn is_not_found(code: Option<&str>) -> bool {
-    matches!(
-        code,
-        Some("NoSuchKey" | "NotFound" | "NoSuchBucket" | "ResourceNotFoundException")
-    )
+    matches!(code, Some("NoSuchKey" | "NotFound" | "NoSuchBucket" | "ResourceNotFoundException"))
 }
 
 /// RFC 3986 percent-encoding of an object key for `x-amz-copy-source` (slashes kept).
@@ -157,9 +138,6 @@ mod tests {
             secret_access_key_from: &None,
         };
         let e = sdk_config(&s).await.unwrap_err();
-        assert!(
-            e.contains("both accessKeyIdFrom and secretAccessKeyFrom"),
-            "{e}"
-        );
+        assert!(e.contains("both accessKeyIdFrom and secretAccessKeyFrom"), "{e}");
     }
 }

@@ -11,6 +11,7 @@ pub mod file;
 pub mod kafka;
 pub mod kinesis;
 pub mod payload;
+pub mod postgres;
 pub mod s3;
 pub mod udp;
 
@@ -23,7 +24,10 @@ pub async fn build(spec: &SinkSpec, health: Health, metrics: Metrics) -> Result<
         return Ok(Arc::new(file::FileSink::open(c.clone(), health)?));
     }
     if let Some(c) = &spec.kafka {
-        return Ok(Arc::new(kafka::KafkaSink::connect(c.clone(), health, metrics).await?));
+        return Ok(Arc::new(kafka::KafkaSink::connect(c.clone(), health, metrics.clone()).await?));
+    }
+    if let Some(c) = &spec.postgres {
+        return Ok(Arc::new(postgres::PostgresSink::connect(c.clone(), health, metrics).await?));
     }
     if let Some(c) = &spec.s3 {
         return Ok(Arc::new(s3::S3Sink::connect(c.clone(), health).await?));

@@ -15,21 +15,14 @@ pub fn split(mapping: &PayloadMapping, payload: &[u8]) -> Result<(Option<Bytes>,
 }
 
 /// [`split`] on a shared buffer: `raw` and `lengthPrefixed` return slices of `payload` without copying.
-pub fn split_bytes(
-    mapping: &PayloadMapping,
-    payload: &Bytes,
-) -> Result<(Option<Bytes>, Bytes), String> {
+pub fn split_bytes(mapping: &PayloadMapping, payload: &Bytes) -> Result<(Option<Bytes>, Bytes), String> {
     match mapping.format {
         PayloadFormat::Raw => Ok((None, payload.clone())),
         PayloadFormat::LengthPrefixed => {
             if payload.len() < 4 {
-                return Err(format!(
-                    "lengthPrefixed payload of {} bytes has no 4-byte key length",
-                    payload.len()
-                ));
+                return Err(format!("lengthPrefixed payload of {} bytes has no 4-byte key length", payload.len()));
             }
-            let klen =
-                u32::from_be_bytes([payload[0], payload[1], payload[2], payload[3]]) as usize;
+            let klen = u32::from_be_bytes([payload[0], payload[1], payload[2], payload[3]]) as usize;
             if payload.len() - 4 < klen {
                 return Err(format!(
                     "lengthPrefixed key length {klen} exceeds the {} bytes that follow it",
@@ -60,10 +53,7 @@ pub fn split_bytes(
 pub fn json_object(payload: &[u8]) -> Result<Map<String, Value>, String> {
     match serde_json::from_slice::<Value>(payload) {
         Ok(Value::Object(m)) => Ok(m),
-        Ok(other) => Err(format!(
-            "JSON payload is not an object but {}",
-            json_kind(&other)
-        )),
+        Ok(other) => Err(format!("JSON payload is not an object but {}", json_kind(&other))),
         Err(e) => Err(format!("payload is not JSON: {e}")),
     }
 }
@@ -73,6 +63,16 @@ pub fn field_bytes(v: &Value) -> Bytes {
     match v {
         Value::String(s) => Bytes::from(s.clone().into_bytes()),
         other => Bytes::from(other.to_string().into_bytes()),
+    }
+}
+
+/// The text of a JSON value as a column would hold it: strings unquoted, everything else as JSON text,
+/// `null` as `None`.
+pub fn value_text(v: &Value) -> Option<String> {
+    match v {
+        Value::Null => None,
+        Value::String(s) => Some(s.clone()),
+        other => Some(other.to_string()),
     }
 }
 
@@ -92,11 +92,7 @@ mod tests {
     use super::*;
 
     fn m(format: PayloadFormat, key: Option<&str>, value: Option<&str>) -> PayloadMapping {
-        PayloadMapping {
-            format,
-            key_field: key.map(str::to_string),
-            value_field: value.map(str::to_string),
-        }
+        PayloadMapping { format, key_field: key.map(str::to_string), value_field: value.map(str::to_string) }
     }
 
     #[test]
@@ -108,11 +104,7 @@ mod tests {
 
     #[test]
     fn length_prefixed_splits_key_and_value() {
-        let (k, v) = split(
-            &m(PayloadFormat::LengthPrefixed, None, None),
-            b"\0\0\0\x02k1value",
-        )
-        .unwrap();
+        let (k, v) = split(&m(PayloadFormat::LengthPrefixed, None, None), b"\0\0\0\x02k1value").unwrap();
         assert_eq!(k.as_deref(), Some(&b"k1"[..]));
         assert_eq!(&v[..], b"value");
         let (k, v) = split(&m(PayloadFormat::LengthPrefixed, None, None), b"\0\0\0\0").unwrap();
@@ -123,13 +115,7 @@ mod tests {
     #[test]
     fn length_prefixed_rejects_short_payloads() {
         assert!(split(&m(PayloadFormat::LengthPrefixed, None, None), b"\0\0").is_err());
-        assert!(
-            split(
-                &m(PayloadFormat::LengthPrefixed, None, None),
-                b"\0\0\0\x05abc"
-            )
-            .is_err()
-        );
+        assert!(split(&m(PayloadFormat::LengthPrefixed, None, None), b"\0\0\0\x05abc").is_err());
     }
 
     #[test]
@@ -151,11 +137,7 @@ mod tests {
         assert!(e.contains("not an object"), "{e}");
         let e = split(&m(PayloadFormat::Json, Some("id"), None), b"{").unwrap_err();
         assert!(e.contains("not JSON"), "{e}");
-        let e = split(
-            &m(PayloadFormat::Json, Some("id"), Some("v")),
-            br#"{"id":1}"#,
-        )
-        .unwrap_err();
+        let e = split(&m(PayloadFormat::Json, Some("id"), Some("v")), br#"{"id":1}"#).unwrap_err();
         assert!(e.contains("valueField"), "{e}");
     }
 }

@@ -7,6 +7,7 @@ use crate::runtime::source_api::{SourceError, SourceIntegration};
 pub mod file;
 pub mod kafka;
 pub mod kinesis;
+pub mod postgres;
 pub mod udp;
 
 /// The integration for the (validated) source spec.
@@ -22,6 +23,9 @@ pub fn build(spec: &SourceSpec) -> Result<Box<dyn SourceIntegration>, SourceErro
     }
     if let Some(c) = &spec.kinesis {
         return Ok(Box::new(kinesis::KinesisSource::new(c.clone())));
+    }
+    if let Some(c) = &spec.postgres {
+        return Ok(Box::new(postgres::PostgresSource::new(c.clone())));
     }
     Err(SourceError::Config(format!("spec.source: kind {:?} is not available in this build", spec.kind_names())))
 }

@@ -21,18 +21,12 @@ pub fn creds() -> (Option<SecretValue>, Option<SecretValue>) {
             std::env::set_var(SECRET_VAR, "testing");
         }
     });
-    (
-        Some(SecretValue::from_env(KEY_VAR)),
-        Some(SecretValue::from_env(SECRET_VAR)),
-    )
+    (Some(SecretValue::from_env(KEY_VAR)), Some(SecretValue::from_env(SECRET_VAR)))
 }
 
 /// Fails loudly when moto is not running: tests must not pass by skipping.
 pub async fn require_moto() {
-    if tokio::net::TcpStream::connect("127.0.0.1:5000")
-        .await
-        .is_err()
-    {
+    if tokio::net::TcpStream::connect("127.0.0.1:5000").await.is_err() {
         panic!("moto is not answering on 127.0.0.1:5000: run tests/services/moto.sh first");
     }
 }
@@ -56,9 +50,7 @@ pub async fn shared_config() -> aws_config::SdkConfig {
 }
 
 pub async fn s3() -> aws_sdk_s3::Client {
-    let conf = aws_sdk_s3::config::Builder::from(&shared_config().await)
-        .force_path_style(true)
-        .build();
+    let conf = aws_sdk_s3::config::Builder::from(&shared_config().await).force_path_style(true).build();
     aws_sdk_s3::Client::from_conf(conf)
 }
 
@@ -68,23 +60,10 @@ pub async fn kinesis() -> aws_sdk_kinesis::Client {
 
 /// Creates a stream and waits until it is ACTIVE.
 pub async fn create_stream(k: &aws_sdk_kinesis::Client, name: &str, shards: i32) {
-    k.create_stream()
-        .stream_name(name)
-        .shard_count(shards)
-        .send()
-        .await
-        .unwrap();
+    k.create_stream().stream_name(name).shard_count(shards).send().await.unwrap();
     for _ in 0..100 {
-        let d = k
-            .describe_stream_summary()
-            .stream_name(name)
-            .send()
-            .await
-            .unwrap();
-        if d.stream_description_summary()
-            .map(|s| s.stream_status().as_str() == "ACTIVE")
-            .unwrap_or(false)
-        {
+        let d = k.describe_stream_summary().stream_name(name).send().await.unwrap();
+        if d.stream_description_summary().map(|s| s.stream_status().as_str() == "ACTIVE").unwrap_or(false) {
             return;
         }
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
@@ -94,14 +73,7 @@ pub async fn create_stream(k: &aws_sdk_kinesis::Client, name: &str, shards: i32)
 
 /// Every record of every shard of `stream`, per shard, from TRIM_HORIZON: (shard, partition key, data).
 pub async fn read_all(k: &aws_sdk_kinesis::Client, stream: &str) -> Vec<(String, String, Vec<u8>)> {
-    let shards = k
-        .list_shards()
-        .stream_name(stream)
-        .send()
-        .await
-        .unwrap()
-        .shards
-        .unwrap_or_default();
+    let shards = k.list_shards().stream_name(stream).send().await.unwrap().shards.unwrap_or_default();
     let mut out = Vec::new();
     for s in shards {
         let mut it = k
@@ -119,11 +91,7 @@ pub async fn read_all(k: &aws_sdk_kinesis::Client, stream: &str) -> Vec<(String,
                 break;
             }
             for rec in r.records {
-                out.push((
-                    s.shard_id.clone(),
-                    rec.partition_key.unwrap_or_default(),
-                    rec.data.into_inner(),
-                ));
+                out.push((s.shard_id.clone(), rec.partition_key.unwrap_or_default(), rec.data.into_inner()));
             }
             it = r.next_shard_iterator;
         }
@@ -141,11 +109,7 @@ impl Sidecar {
     pub fn start(dir: &std::path::Path, manifest: &str) -> Self {
         let path = dir.join(format!("manifest-{:08x}.yaml", rand::random::<u32>()));
         std::fs::write(&path, manifest).unwrap();
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(dir.join("sidecar.log"))
-            .unwrap();
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(dir.join("sidecar.log")).unwrap();
         let child = std::process::Command::new(env!("CARGO_BIN_EXE_wallaroo-connector"))
             .args(["run", "-f"])
             .arg(&path)

@@ -30,11 +30,7 @@ pub fn partition_key(key: Option<&[u8]>, payload: &[u8]) -> String {
     match key {
         Some(k) if !k.is_empty() => {
             let s = String::from_utf8_lossy(k);
-            if s.chars().count() <= MAX_KEY_CHARS {
-                s.into_owned()
-            } else {
-                digest(k)
-            }
+            if s.chars().count() <= MAX_KEY_CHARS { s.into_owned() } else { digest(k) }
         }
         _ => digest(payload),
     }
@@ -63,10 +59,7 @@ mod tests {
     use super::*;
 
     fn rec(n: usize) -> Outgoing {
-        Outgoing {
-            partition_key: "k".into(),
-            data: Bytes::from(vec![0u8; n]),
-        }
+        Outgoing { partition_key: "k".into(), data: Bytes::from(vec![0u8; n]) }
     }
 
     #[test]

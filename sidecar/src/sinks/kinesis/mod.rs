@@ -46,12 +46,7 @@ impl KinesisSink {
         };
         let shared = sdk_config(&settings).await.map_err(SinkError::Permanent)?;
         let client = Client::new(&shared);
-        match client
-            .describe_stream_summary()
-            .stream_name(&cfg.stream)
-            .send()
-            .await
-        {
+        match client.describe_stream_summary().stream_name(&cfg.stream).send().await {
             Ok(_) => {
                 health.set_external(true);
                 tracing::info!(stream = %cfg.stream, "Kinesis stream reachable");
@@ -99,13 +94,7 @@ impl KinesisSink {
                         .map_err(|e| SinkError::Permanent(format!("PutRecords entry: {e}")))
                 })
                 .collect::<Result<Vec<_>, _>>()?;
-            let out = match self
-                .client
-                .put_records()
-                .stream_name(&self.stream)
-                .set_records(Some(entries))
-                .send()
-                .await
+            let out = match self.client.put_records().stream_name(&self.stream).set_records(Some(entries)).send().await
             {
                 Ok(out) => out,
                 Err(e) => {
@@ -138,9 +127,7 @@ impl KinesisSink {
             let mut first_error = None;
             for (r, res) in sent.into_iter().zip(results) {
                 if let Some(code) = res.error_code() {
-                    first_error.get_or_insert_with(|| {
-                        format!("{code}: {}", res.error_message().unwrap_or(""))
-                    });
+                    first_error.get_or_insert_with(|| format!("{code}: {}", res.error_message().unwrap_or("")));
                     refused.push(r);
                 }
             }
@@ -176,23 +163,16 @@ impl SinkIntegration for KinesisSink {
     async fn recover(&self, worker: &str) -> Result<Recovery, SinkError> {
         // Nothing is held back: the worker's own offset is the truth. Drop what an old connection left queued.
         self.queue(worker).lock().await.clear();
-        Ok(Recovery {
-            committed: None,
-            pending: None,
-        })
+        Ok(Recovery { committed: None, pending: None })
     }
 
     async fn stage(&self, worker: &str, records: Vec<SinkRecord>) -> Result<(), SinkError> {
         let queue = self.queue(worker);
         let mut q = queue.lock().await;
         for r in records {
-            let (key, value) = payload::split_bytes(&self.mapping, &r.payload).map_err(|e| {
-                SinkError::Permanent(format!("message at offset {}: {e}", r.offset))
-            })?;
-            let out = Outgoing {
-                partition_key: partition_key(key.as_deref(), &r.payload),
-                data: value,
-            };
+            let (key, value) = payload::split_bytes(&self.mapping, &r.payload)
+                .map_err(|e| SinkError::Permanent(format!("message at offset {}: {e}", r.offset)))?;
+            let out = Outgoing { partition_key: partition_key(key.as_deref(), &r.payload), data: value };
             if out.size() > MAX_RECORD_BYTES {
                 return Err(SinkError::Permanent(format!(
                     "message at offset {} is {} bytes with its partition key; Kinesis takes at most {MAX_RECORD_BYTES}",

@@ -25,18 +25,12 @@ pub fn worker_segment(worker: &str) -> String {
             out.push_str(&format!("%{b:02X}"));
         }
     }
-    if out.is_empty() || out == "." || out == ".." {
-        format!("%{out}")
-    } else {
-        out
-    }
+    if out.is_empty() || out == "." || out == ".." { format!("%{out}") } else { out }
 }
 
 impl Layout {
     pub fn new(prefix: &str) -> Self {
-        Self {
-            prefix: prefix.to_string(),
-        }
+        Self { prefix: prefix.to_string() }
     }
 
     pub fn prefix(&self) -> &str {
@@ -45,11 +39,7 @@ impl Layout {
 
     /// Every staged upload of `worker` lives under this prefix (one open round at a time per worker).
     pub fn staging_dir(&self, worker: &str) -> String {
-        format!(
-            "{}_wallaroo/staging/{}/",
-            self.prefix,
-            worker_segment(worker)
-        )
+        format!("{}_wallaroo/staging/{}/", self.prefix, worker_segment(worker))
     }
 
     /// The staged body of the message at byte `offset` (objectPer: message).
@@ -63,29 +53,17 @@ impl Layout {
     }
 
     pub fn pending(&self, worker: &str) -> String {
-        format!(
-            "{}_wallaroo/pending/{}.json",
-            self.prefix,
-            worker_segment(worker)
-        )
+        format!("{}_wallaroo/pending/{}.json", self.prefix, worker_segment(worker))
     }
 
     pub fn offsets(&self, worker: &str) -> String {
-        format!(
-            "{}_wallaroo/offsets/{}.json",
-            self.prefix,
-            worker_segment(worker)
-        )
+        format!("{}_wallaroo/offsets/{}.json", self.prefix, worker_segment(worker))
     }
 
     /// The published object of one committed round (objectPer: checkpoint). Zero-padded offsets make the
     /// names of one worker sort in output order and never collide (committed ranges never overlap).
     pub fn checkpoint_object(&self, worker: &str, start: u64, end: u64) -> String {
-        format!(
-            "{}{}/{start:020}-{end:020}",
-            self.prefix,
-            worker_segment(worker)
-        )
+        format!("{}{}/{start:020}-{end:020}", self.prefix, worker_segment(worker))
     }
 
     /// The published object of a message key (objectPer: message): `<prefix><key>`, like upstream's
@@ -133,10 +111,7 @@ pub fn dedupe_last_wins(staged: &[(String, String)]) -> Vec<Publish> {
         .iter()
         .enumerate()
         .filter(|(i, (target, _))| last.get(target.as_str()) == Some(i))
-        .map(|(_, (target, staged))| Publish {
-            target: target.clone(),
-            parts: vec![staged.clone()],
-        })
+        .map(|(_, (target, staged))| Publish { target: target.clone(), parts: vec![staged.clone()] })
         .collect()
 }
 
@@ -147,20 +122,11 @@ mod tests {
     #[test]
     fn names_are_sortable_and_separate_workers() {
         let l = Layout::new("out/");
-        assert_eq!(
-            l.staged_message("w1", 42),
-            "out/_wallaroo/staging/w1/00000000000000000042"
-        );
-        assert_eq!(
-            l.staged_part("w1", 7),
-            "out/_wallaroo/staging/w1/part-00000000000000000007"
-        );
+        assert_eq!(l.staged_message("w1", 42), "out/_wallaroo/staging/w1/00000000000000000042");
+        assert_eq!(l.staged_part("w1", 7), "out/_wallaroo/staging/w1/part-00000000000000000007");
         assert_eq!(l.pending("w1"), "out/_wallaroo/pending/w1.json");
         assert_eq!(l.offsets("w1"), "out/_wallaroo/offsets/w1.json");
-        assert_eq!(
-            l.checkpoint_object("w1", 0, 10),
-            "out/w1/00000000000000000000-00000000000000000010"
-        );
+        assert_eq!(l.checkpoint_object("w1", 0, 10), "out/w1/00000000000000000000-00000000000000000010");
         assert_eq!(l.message_object("k/1"), "out/k/1");
         assert!(l.checkpoint_object("w1", 9, 10) < l.checkpoint_object("w1", 10, 200));
     }
@@ -184,14 +150,8 @@ mod tests {
         assert_eq!(
             p,
             vec![
-                Publish {
-                    target: "k2".into(),
-                    parts: vec!["s1".into()]
-                },
-                Publish {
-                    target: "k1".into(),
-                    parts: vec!["s2".into()]
-                },
+                Publish { target: "k2".into(), parts: vec!["s1".into()] },
+                Publish { target: "k1".into(), parts: vec!["s2".into()] },
             ]
         );
     }

@@ -97,18 +97,11 @@ impl S3Sink {
         let conf = aws_sdk_s3::config::Builder::from(&shared)
             .force_path_style(cfg.force_path_style)
             // S3-compatible stores (and older emulators) do not all accept the newer default checksums.
-            .request_checksum_calculation(
-                aws_sdk_s3::config::RequestChecksumCalculation::WhenRequired,
-            )
-            .response_checksum_validation(
-                aws_sdk_s3::config::ResponseChecksumValidation::WhenRequired,
-            )
+            .request_checksum_calculation(aws_sdk_s3::config::RequestChecksumCalculation::WhenRequired)
+            .response_checksum_validation(aws_sdk_s3::config::ResponseChecksumValidation::WhenRequired)
             .build();
-        let store = Store {
-            client: aws_sdk_s3::Client::from_conf(conf),
-            bucket: cfg.bucket.clone(),
-            health: health.clone(),
-        };
+        let store =
+            Store { client: aws_sdk_s3::Client::from_conf(conf), bucket: cfg.bucket.clone(), health: health.clone() };
         match store.probe().await {
             Ok(()) => {
                 health.set_external(true);
@@ -147,17 +140,11 @@ impl S3Sink {
         map.entry(worker.to_string()).or_default().clone()
     }
 
-    async fn read_json<T: serde::de::DeserializeOwned>(
-        &self,
-        key: &str,
-    ) -> Result<Option<T>, SinkError> {
+    async fn read_json<T: serde::de::DeserializeOwned>(&self, key: &str) -> Result<Option<T>, SinkError> {
         match self.store.get(key).await? {
             None => Ok(None),
             Some(body) => serde_json::from_slice(&body).map(Some).map_err(|e| {
-                SinkError::Permanent(format!(
-                    "s3://{}/{key} is not what this sink wrote: {e}",
-                    self.store.bucket
-                ))
+                SinkError::Permanent(format!("s3://{}/{key} is not what this sink wrote: {e}", self.store.bucket))
             }),
         }
     }
@@ -172,13 +159,10 @@ impl S3Sink {
         let (key, value) = payload::split_bytes(&self.mapping, payload)
             .map_err(|e| SinkError::Permanent(format!("message at offset {offset}: {e}")))?;
         let key = key.ok_or_else(|| {
-            SinkError::Permanent(format!(
-                "message at offset {offset} has no key to name its object (keyField)"
-            ))
+            SinkError::Permanent(format!("message at offset {offset} has no key to name its object (keyField)"))
         })?;
-        let key = std::str::from_utf8(&key).map_err(|_| {
-            SinkError::Permanent(format!("message at offset {offset}: the key is not UTF-8"))
-        })?;
+        let key = std::str::from_utf8(&key)
+            .map_err(|_| SinkError::Permanent(format!("message at offset {offset}: the key is not UTF-8")))?;
         let target = self.layout.message_object(key);
         if key.is_empty() || target.len() > MAX_KEY_BYTES {
             return Err(SinkError::Permanent(format!(
@@ -207,19 +191,13 @@ impl S3Sink {
 
     /// Deletes the staged uploads and the manifest of `worker`.
     async fn discard_staging(&self, worker: &str) -> Result<(), SinkError> {
-        self.store
-            .delete_prefix(&self.layout.staging_dir(worker))
-            .await?;
+        self.store.delete_prefix(&self.layout.staging_dir(worker)).await?;
         self.store.delete(&[self.layout.pending(worker)]).await
     }
 
     /// Copies every manifest entry to its published name.
     async fn publish(&self, manifest: &Manifest) -> Result<(), SinkError> {
-        let jobs: Vec<(Store, Publish)> = manifest
-            .objects
-            .iter()
-            .map(|p| (self.store.clone(), p.clone()))
-            .collect();
+        let jobs: Vec<(Store, Publish)> = manifest.objects.iter().map(|p| (self.store.clone(), p.clone())).collect();
         futures::stream::iter(jobs)
             .map(|(store, p)| async move { store.assemble(&p.parts, &p.target).await })
             .buffer_unordered(CONCURRENCY)
@@ -245,10 +223,7 @@ impl SinkIntegration for S3Sink {
                 // abort until the bucket exists, and the next reconnect reads the real state.
                 tracing::warn!(worker, bucket = %self.store.bucket, error = %e, "bucket missing; rounds will vote abort");
                 st.reset_round(0);
-                return Ok(Recovery {
-                    committed: None,
-                    pending: None,
-                });
+                return Ok(Recovery { committed: None, pending: None });
             }
             Err(e) => return Err(e),
         };
@@ -256,11 +231,7 @@ impl SinkIntegration for S3Sink {
         let manifest: Option<Manifest> = self.read_json(&self.layout.pending(worker)).await?;
         let pending = match manifest {
             // Crashed after writing the offsets but before cleaning up: the round is committed.
-            Some(m)
-                if offsets
-                    .as_ref()
-                    .is_some_and(|o| o.txn_hex == m.txn_hex && o.committed == m.end) =>
-            {
+            Some(m) if offsets.as_ref().is_some_and(|o| o.txn_hex == m.txn_hex && o.committed == m.end) => {
                 tracing::info!(worker, txn = %m.txn, "finishing the clean-up of a committed round");
                 self.discard_staging(worker).await?;
                 None
@@ -268,9 +239,7 @@ impl SinkIntegration for S3Sink {
             Some(m) => Some(m),
             None => {
                 // Uploads of a round that never reached Phase 1 are worthless.
-                self.store
-                    .delete_prefix(&self.layout.staging_dir(worker))
-                    .await?;
+                self.store.delete_prefix(&self.layout.staging_dir(worker)).await?;
                 None
             }
         };
@@ -278,17 +247,12 @@ impl SinkIntegration for S3Sink {
         let resume = pending.as_ref().map_or(committed, |m| m.end);
         st.reset_round(resume);
         let txn = pending.as_ref().map(|m| Txn {
-            id: hex::decode(&m.txn_hex)
-                .map(Bytes::from)
-                .unwrap_or_else(|_| Bytes::from(m.txn.clone())),
+            id: hex::decode(&m.txn_hex).map(Bytes::from).unwrap_or_else(|_| Bytes::from(m.txn.clone())),
             start: m.start,
             end: m.end,
         });
         st.prepared = pending;
-        Ok(Recovery {
-            committed: Some(committed),
-            pending: txn,
-        })
+        Ok(Recovery { committed: Some(committed), pending: txn })
     }
 
     async fn stage(&self, worker: &str, records: Vec<SinkRecord>) -> Result<(), SinkError> {
@@ -325,21 +289,16 @@ impl SinkIntegration for S3Sink {
                     .map(|(_, staged, value)| (self.store.clone(), staged.clone(), value.clone()))
                     .collect();
                 futures::stream::iter(jobs)
-                    .map(|(store, staged, value)| async move {
-                        store.put_retrying(&staged, value).await
-                    })
+                    .map(|(store, staged, value)| async move { store.put_retrying(&staged, value).await })
                     .buffer_unordered(CONCURRENCY)
                     .try_collect::<Vec<()>>()
                     .await?;
-                st.staged
-                    .extend(uploads.into_iter().map(|(t, s, _)| (t, s)));
+                st.staged.extend(uploads.into_iter().map(|(t, s, _)| (t, s)));
             }
             ObjectPer::Checkpoint => {
                 for r in &records {
-                    let (_, value) =
-                        payload::split_bytes(&self.mapping, &r.payload).map_err(|e| {
-                            SinkError::Permanent(format!("message at offset {}: {e}", r.offset))
-                        })?;
+                    let (_, value) = payload::split_bytes(&self.mapping, &r.payload)
+                        .map_err(|e| SinkError::Permanent(format!("message at offset {}: {e}", r.offset)))?;
                     st.buf.extend_from_slice(&value);
                     if st.buf.len() >= self.part_size {
                         self.upload_part(worker, &mut st).await?;
@@ -381,15 +340,8 @@ impl SinkIntegration for S3Sink {
                 }
             }
         };
-        let manifest = Manifest {
-            txn: txn.id_str(),
-            txn_hex: hex_id(txn),
-            start: txn.start,
-            end: txn.end,
-            objects,
-        };
-        self.write_json(&self.layout.pending(worker), &manifest)
-            .await?;
+        let manifest = Manifest { txn: txn.id_str(), txn_hex: hex_id(txn), start: txn.start, end: txn.end, objects };
+        self.write_json(&self.layout.pending(worker), &manifest).await?;
         tracing::debug!(worker, txn = %manifest.txn, objects = manifest.objects.len(), "prepared");
         st.prepared = Some(manifest);
         Ok(())
@@ -401,10 +353,7 @@ impl SinkIntegration for S3Sink {
         let want = hex_id(txn);
         let manifest = match st.prepared.clone().filter(|m| m.txn_hex == want) {
             Some(m) => Some(m),
-            None => self
-                .read_json::<Manifest>(&self.layout.pending(worker))
-                .await?
-                .filter(|m| m.txn_hex == want),
+            None => self.read_json::<Manifest>(&self.layout.pending(worker)).await?.filter(|m| m.txn_hex == want),
         };
         let Some(manifest) = manifest else {
             // Already committed (a repeated Phase 2 after a crash during clean-up)?
@@ -412,19 +361,11 @@ impl SinkIntegration for S3Sink {
             if offsets.is_some_and(|o| o.txn_hex == want && o.committed == txn.end) {
                 return Ok(());
             }
-            return Err(SinkError::Permanent(format!(
-                "commit of {}: no prepared round with that id",
-                txn.id_str()
-            )));
+            return Err(SinkError::Permanent(format!("commit of {}: no prepared round with that id", txn.id_str())));
         };
         self.publish(&manifest).await?;
-        let offsets = Offsets {
-            txn: manifest.txn.clone(),
-            txn_hex: manifest.txn_hex.clone(),
-            committed: manifest.end,
-        };
-        self.write_json(&self.layout.offsets(worker), &offsets)
-            .await?;
+        let offsets = Offsets { txn: manifest.txn.clone(), txn_hex: manifest.txn_hex.clone(), committed: manifest.end };
+        self.write_json(&self.layout.offsets(worker), &offsets).await?;
         st.committed = manifest.end;
         st.reset_round(manifest.end);
         // The round is committed once the offsets object exists; a failed clean-up is finished by the next

@@ -25,40 +25,21 @@ where
     R: std::fmt::Debug,
 {
     let c = classify(what, e);
-    if matches!(
-        e,
-        aws_sdk_s3::error::SdkError::DispatchFailure(_)
-            | aws_sdk_s3::error::SdkError::TimeoutError(_)
-    ) {
+    if matches!(e, aws_sdk_s3::error::SdkError::DispatchFailure(_) | aws_sdk_s3::error::SdkError::TimeoutError(_)) {
         health.set_external(false);
     }
-    if c.permanent {
-        SinkError::Permanent(c.message)
-    } else {
-        SinkError::Transient(c.message)
-    }
+    if c.permanent { SinkError::Permanent(c.message) } else { SinkError::Transient(c.message) }
 }
 
 impl Store {
     pub async fn put(&self, key: &str, body: Bytes) -> Result<(), SinkError> {
-        let r = self
-            .client
-            .put_object()
-            .bucket(&self.bucket)
-            .key(key)
-            .body(ByteStream::from(body))
-            .send()
-            .await;
+        let r = self.client.put_object().bucket(&self.bucket).key(key).body(ByteStream::from(body)).send().await;
         match r {
             Ok(_) => {
                 self.health.set_external(true);
                 Ok(())
             }
-            Err(e) => Err(to_sink(
-                &self.health,
-                &format!("PutObject s3://{}/{key}", self.bucket),
-                &e,
-            )),
+            Err(e) => Err(to_sink(&self.health, &format!("PutObject s3://{}/{key}", self.bucket), &e)),
         }
     }
 
@@ -82,21 +63,11 @@ impl Store {
 
     /// The object's bytes, or `None` when it does not exist.
     pub async fn get(&self, key: &str) -> Result<Option<Bytes>, SinkError> {
-        match self
-            .client
-            .get_object()
-            .bucket(&self.bucket)
-            .key(key)
-            .send()
-            .await
-        {
+        match self.client.get_object().bucket(&self.bucket).key(key).send().await {
             Ok(out) => {
                 self.health.set_external(true);
                 let body = out.body.collect().await.map_err(|e| {
-                    SinkError::Transient(format!(
-                        "GetObject s3://{}/{key}: reading the body: {e}",
-                        self.bucket
-                    ))
+                    SinkError::Transient(format!("GetObject s3://{}/{key}: reading the body: {e}", self.bucket))
                 })?;
                 Ok(Some(body.into_bytes()))
             }
@@ -106,32 +77,16 @@ impl Store {
                     self.health.set_external(true);
                     return Ok(None);
                 }
-                Err(to_sink(
-                    &self.health,
-                    &format!("GetObject s3://{}/{key}", self.bucket),
-                    &e,
-                ))
+                Err(to_sink(&self.health, &format!("GetObject s3://{}/{key}", self.bucket), &e))
             }
         }
     }
 
     pub async fn copy(&self, from: &str, to: &str) -> Result<(), SinkError> {
         let source = format!("{}/{}", self.bucket, encode_key(from));
-        match self
-            .client
-            .copy_object()
-            .bucket(&self.bucket)
-            .key(to)
-            .copy_source(source)
-            .send()
-            .await
-        {
+        match self.client.copy_object().bucket(&self.bucket).key(to).copy_source(source).send().await {
             Ok(_) => Ok(()),
-            Err(e) => Err(to_sink(
-                &self.health,
-                &format!("CopyObject s3://{}/{from} -> {to}", self.bucket),
-                &e,
-            )),
+            Err(e) => Err(to_sink(&self.health, &format!("CopyObject s3://{}/{from} -> {to}", self.bucket), &e)),
         }
     }
 
@@ -152,9 +107,7 @@ impl Store {
                     .await
                     .map_err(|e| to_sink(&self.health, &what, &e))?;
                 let Some(upload_id) = up.upload_id().map(str::to_string) else {
-                    return Err(SinkError::Transient(format!(
-                        "{what}: no upload id in the answer"
-                    )));
+                    return Err(SinkError::Transient(format!("{what}: no upload id in the answer")));
                 };
                 let result = self.copy_parts(parts, to, &upload_id, &what).await;
                 if result.is_err() {
@@ -173,25 +126,12 @@ impl Store {
         }
     }
 
-    async fn copy_parts(
-        &self,
-        parts: &[String],
-        to: &str,
-        upload_id: &str,
-        what: &str,
-    ) -> Result<(), SinkError> {
+    async fn copy_parts(&self, parts: &[String], to: &str, upload_id: &str, what: &str) -> Result<(), SinkError> {
         let jobs: Vec<(Store, i32, String, String, String, String)> = parts
             .iter()
             .enumerate()
             .map(|(i, part)| {
-                (
-                    self.clone(),
-                    i as i32 + 1,
-                    part.clone(),
-                    to.to_string(),
-                    upload_id.to_string(),
-                    what.to_string(),
-                )
+                (self.clone(), i as i32 + 1, part.clone(), to.to_string(), upload_id.to_string(), what.to_string())
             })
             .collect();
         let copied: Vec<CompletedPart> = futures::stream::iter(jobs)
@@ -207,16 +147,8 @@ impl Store {
                     .send()
                     .await
                     .map_err(|e| to_sink(&store.health, &what, &e))?;
-                let etag = r
-                    .copy_part_result()
-                    .and_then(|c| c.e_tag())
-                    .map(str::to_string);
-                Ok::<_, SinkError>(
-                    CompletedPart::builder()
-                        .part_number(n)
-                        .set_e_tag(etag)
-                        .build(),
-                )
+                let etag = r.copy_part_result().and_then(|c| c.e_tag()).map(str::to_string);
+                Ok::<_, SinkError>(CompletedPart::builder().part_number(n).set_e_tag(etag).build())
             })
             .buffered(CONCURRENCY)
             .try_collect()
@@ -226,11 +158,7 @@ impl Store {
             .bucket(&self.bucket)
             .key(to)
             .upload_id(upload_id)
-            .multipart_upload(
-                CompletedMultipartUpload::builder()
-                    .set_parts(Some(copied))
-                    .build(),
-            )
+            .multipart_upload(CompletedMultipartUpload::builder().set_parts(Some(copied)).build())
             .send()
             .await
             .map_err(|e| to_sink(&self.health, what, &e))?;
@@ -239,27 +167,12 @@ impl Store {
 
     /// Keys under `prefix`.
     pub async fn list(&self, prefix: &str) -> Result<Vec<String>, SinkError> {
-        let mut pages = self
-            .client
-            .list_objects_v2()
-            .bucket(&self.bucket)
-            .prefix(prefix)
-            .into_paginator()
-            .send();
+        let mut pages = self.client.list_objects_v2().bucket(&self.bucket).prefix(prefix).into_paginator().send();
         let mut keys = Vec::new();
         while let Some(page) = pages.next().await {
-            let page = page.map_err(|e| {
-                to_sink(
-                    &self.health,
-                    &format!("ListObjectsV2 s3://{}/{prefix}", self.bucket),
-                    &e,
-                )
-            })?;
-            keys.extend(
-                page.contents()
-                    .iter()
-                    .filter_map(|o| o.key().map(str::to_string)),
-            );
+            let page =
+                page.map_err(|e| to_sink(&self.health, &format!("ListObjectsV2 s3://{}/{prefix}", self.bucket), &e))?;
+            keys.extend(page.contents().iter().filter_map(|o| o.key().map(str::to_string)));
         }
         Ok(keys)
     }
@@ -284,13 +197,7 @@ impl Store {
                 .delete(delete)
                 .send()
                 .await
-                .map_err(|e| {
-                    to_sink(
-                        &self.health,
-                        &format!("DeleteObjects s3://{}", self.bucket),
-                        &e,
-                    )
-                })?;
+                .map_err(|e| to_sink(&self.health, &format!("DeleteObjects s3://{}", self.bucket), &e))?;
             if let Some(err) = out.errors().first() {
                 return Err(SinkError::Transient(format!(
                     "DeleteObjects s3://{}/{}: {} {}",

@@ -64,19 +64,9 @@ async fn list_shards(client: &Client, stream: &str) -> Result<Vec<ShardInfo>, (b
             (c.permanent, c.message)
         })?;
         for s in page.shards.unwrap_or_default() {
-            let parents = s
-                .parent_shard_id
-                .into_iter()
-                .chain(s.adjacent_parent_shard_id)
-                .collect();
-            let ending = s
-                .sequence_number_range
-                .and_then(|r| r.ending_sequence_number);
-            out.push(ShardInfo {
-                id: s.shard_id,
-                parents,
-                ending,
-            });
+            let parents = s.parent_shard_id.into_iter().chain(s.adjacent_parent_shard_id).collect();
+            let ending = s.sequence_number_range.and_then(|r| r.ending_sequence_number);
+            out.push(ShardInfo { id: s.shard_id, parents, ending });
         }
         match page.next_token {
             Some(t) => token = Some(t),
@@ -114,10 +104,7 @@ impl Source {
                 self.graph.update(listed);
             }
             Err((true, m)) => {
-                return Err(SourceError::External {
-                    system: "kinesis",
-                    message: m,
-                });
+                return Err(SourceError::External { system: "kinesis", message: m });
             }
             Err((false, m)) => {
                 ctx.metrics.error("transient", "list_shards");
@@ -131,18 +118,8 @@ impl Source {
             let name = stream_name(&self.cfg.stream, &shard);
             let id = stream_id_for(name.as_bytes());
             tracing::info!(stream = %self.cfg.stream, %shard, "announcing shard");
-            self.runs.insert(
-                id,
-                ShardRun {
-                    shard,
-                    seqs: Arc::new(Mutex::new(Default::default())),
-                    task: None,
-                },
-            );
-            ctx.emit
-                .send(Emit::Stream { name })
-                .await
-                .map_err(|_| SourceError::RuntimeGone)?;
+            self.runs.insert(id, ShardRun { shard, seqs: Arc::new(Mutex::new(Default::default())), task: None });
+            ctx.emit.send(Emit::Stream { name }).await.map_err(|_| SourceError::RuntimeGone)?;
         }
         Ok(())
     }
@@ -179,10 +156,7 @@ impl Source {
                 // Anything read past `p` is being rewound and will be read (and remembered) again.
                 let _ = seqs.split_off(&(p.saturating_add(1)));
                 match seqs.get(&p) {
-                    Some(seq) => StartAt::AfterSequence {
-                        seq: seq.clone(),
-                        por: p,
-                    },
+                    Some(seq) => StartAt::AfterSequence { seq: seq.clone(), por: p },
                     None => StartAt::AfterPor(p),
                 }
             }
@@ -236,10 +210,7 @@ impl Source {
                     Ok(Err(e)) => return Err(e),
                     Err(e) if e.is_cancelled() => {}
                     Err(e) => {
-                        return Err(SourceError::External {
-                            system: "kinesis",
-                            message: format!("shard reader: {e}"),
-                        });
+                        return Err(SourceError::External { system: "kinesis", message: format!("shard reader: {e}") });
                     }
                 }
             }
@@ -272,10 +243,7 @@ impl SourceIntegration for KinesisSource {
             match list_shards(&src.client, &src.cfg.stream).await {
                 Ok(_) => break,
                 Err((true, m)) => {
-                    return Err(SourceError::External {
-                        system: "kinesis",
-                        message: m,
-                    });
+                    return Err(SourceError::External { system: "kinesis", message: m });
                 }
                 Err((false, m)) => {
                     tracing::warn!(stream = %src.cfg.stream, error = %m, "cannot list shards yet; retrying");

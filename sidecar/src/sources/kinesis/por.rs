@@ -115,20 +115,14 @@ mod tests {
         let pors: Vec<u64> = arrivals.iter().map(|&a| full.next(a)).collect();
         for cut in 0..arrivals.len() {
             let mut resumed = PorClock::after(pors[cut]);
-            let rest: Vec<u64> = arrivals[cut + 1..]
-                .iter()
-                .map(|&a| resumed.next(a))
-                .collect();
+            let rest: Vec<u64> = arrivals[cut + 1..].iter().map(|&a| resumed.next(a)).collect();
             assert_eq!(rest, pors[cut + 1..].to_vec());
             // Recount from the first record with arrival >= ms(p) - 1 (what AT_TIMESTAMP returns), skip <= p.
             let from_ms = resume_ms(pors[cut]);
             let start = arrivals.iter().position(|&a| a >= from_ms).unwrap();
             let mut recount = PorClock::default();
-            let delivered: Vec<u64> = arrivals[start..]
-                .iter()
-                .map(|&a| recount.next(a))
-                .filter(|&p| p > pors[cut])
-                .collect();
+            let delivered: Vec<u64> =
+                arrivals[start..].iter().map(|&a| recount.next(a)).filter(|&p| p > pors[cut]).collect();
             assert_eq!(delivered, pors[cut + 1..].to_vec(), "cut after {cut}");
         }
     }

@@ -59,28 +59,21 @@ pub struct Reader {
 }
 
 fn transient(what: &str, e: impl std::fmt::Display) -> SourceError {
-    SourceError::External {
-        system: "kinesis",
-        message: format!("{what}: {e}"),
-    }
+    SourceError::External { system: "kinesis", message: format!("{what}: {e}") }
 }
 
 impl Reader {
     async fn iterator(&self, start: &StartAt) -> Result<Option<String>, (bool, SourceError)> {
-        let req = self
-            .client
-            .get_shard_iterator()
-            .stream_name(&self.stream_name)
-            .shard_id(&self.shard);
+        let req = self.client.get_shard_iterator().stream_name(&self.stream_name).shard_id(&self.shard);
         let req = match start {
             StartAt::TrimHorizon => req.shard_iterator_type(ShardIteratorType::TrimHorizon),
             StartAt::Latest => req.shard_iterator_type(ShardIteratorType::Latest),
-            StartAt::AtSequence(seq) => req
-                .shard_iterator_type(ShardIteratorType::AtSequenceNumber)
-                .starting_sequence_number(seq),
-            StartAt::AfterSequence { seq, .. } => req
-                .shard_iterator_type(ShardIteratorType::AfterSequenceNumber)
-                .starting_sequence_number(seq),
+            StartAt::AtSequence(seq) => {
+                req.shard_iterator_type(ShardIteratorType::AtSequenceNumber).starting_sequence_number(seq)
+            }
+            StartAt::AfterSequence { seq, .. } => {
+                req.shard_iterator_type(ShardIteratorType::AfterSequenceNumber).starting_sequence_number(seq)
+            }
             StartAt::AfterPor(p) => req
                 .shard_iterator_type(ShardIteratorType::AtTimestamp)
                 .timestamp(DateTime::from_millis(resume_ms(*p) as i64)),
@@ -117,20 +110,14 @@ impl Reader {
                 None => {
                     // (Re)position: at the start, or after the last record seen when an iterator expired.
                     let start = match &last_seq {
-                        Some(seq) => StartAt::AfterSequence {
-                            seq: seq.clone(),
-                            por: 0,
-                        },
+                        Some(seq) => StartAt::AfterSequence { seq: seq.clone(), por: 0 },
                         None => self.start.clone(),
                     };
                     match self.iterator(&start).await {
                         Ok(Some(it)) => it,
                         Ok(None) => return self.end().await,
                         Err((permanent, e)) => {
-                            self.metrics.error(
-                                if permanent { "permanent" } else { "transient" },
-                                "get_shard_iterator",
-                            );
+                            self.metrics.error(if permanent { "permanent" } else { "transient" }, "get_shard_iterator");
                             if permanent {
                                 return Err(e);
                             }
@@ -143,34 +130,17 @@ impl Reader {
                     }
                 }
             };
-            let out = match self
-                .client
-                .get_records()
-                .shard_iterator(&it)
-                .limit(GET_LIMIT)
-                .send()
-                .await
-            {
+            let out = match self.client.get_records().shard_iterator(&it).limit(GET_LIMIT).send().await {
                 Ok(out) => out,
                 Err(e) => {
                     let c = classify(&format!("GetRecords {}", self.shard), &e);
-                    self.metrics.error(
-                        if c.permanent {
-                            "permanent"
-                        } else {
-                            "transient"
-                        },
-                        "get_records",
-                    );
+                    self.metrics.error(if c.permanent { "permanent" } else { "transient" }, "get_records");
                     match c.code.as_deref() {
                         // The iterator is older than 5 minutes: get a new one after the last record seen.
                         Some("ExpiredIteratorException") => {}
                         _ if c.permanent => return Err(transient("GetRecords", c.message)),
                         _ => {
-                            if !matches!(
-                                c.code.as_deref(),
-                                Some("ProvisionedThroughputExceededException")
-                            ) {
+                            if !matches!(c.code.as_deref(), Some("ProvisionedThroughputExceededException")) {
                                 self.health.set_external(false);
                             }
                             tracing::info!(shard = %self.shard, error = %c.message, "GetRecords failed; retrying");
@@ -188,12 +158,8 @@ impl Reader {
             let mut batch = Vec::with_capacity(got);
             let mut new_seqs = Vec::with_capacity(got);
             for r in out.records {
-                let ms = r
-                    .approximate_arrival_timestamp
-                    .as_ref()
-                    .and_then(|t| t.to_millis().ok())
-                    .unwrap_or(0)
-                    .max(0) as u64;
+                let ms = r.approximate_arrival_timestamp.as_ref().and_then(|t| t.to_millis().ok()).unwrap_or(0).max(0)
+                    as u64;
                 let por = clock.next(ms);
                 last_seq = Some(r.sequence_number.clone());
                 if skip_through.is_some_and(|p| por <= p) {
@@ -209,11 +175,7 @@ impl Reader {
             if !batch.is_empty() {
                 self.remember(new_seqs);
                 self.emit
-                    .send(Emit::Records {
-                        stream: self.stream,
-                        generation: self.generation,
-                        records: batch,
-                    })
+                    .send(Emit::Records { stream: self.stream, generation: self.generation, records: batch })
                     .await
                     .map_err(|_| SourceError::RuntimeGone)?;
             }
@@ -259,10 +221,7 @@ impl Reader {
     async fn end(&self) -> Result<(), SourceError> {
         tracing::info!(shard = %self.shard, "shard closed and read to its end");
         self.emit
-            .send(Emit::End {
-                stream: self.stream,
-                generation: self.generation,
-            })
+            .send(Emit::End { stream: self.stream, generation: self.generation })
             .await
             .map_err(|_| SourceError::RuntimeGone)
     }

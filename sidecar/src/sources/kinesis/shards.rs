@@ -52,9 +52,7 @@ impl ShardGraph {
         let ready: Vec<String> = self
             .shards
             .values()
-            .filter(|s| {
-                !self.announced.contains(&s.id) && s.parents.iter().all(|p| self.parent_done(p))
-            })
+            .filter(|s| !self.announced.contains(&s.id) && s.parents.iter().all(|p| self.parent_done(p)))
             .map(|s| s.id.clone())
             .collect();
         self.announced.extend(ready.iter().cloned());
@@ -85,12 +83,7 @@ mod tests {
     #[test]
     fn children_wait_for_their_parents() {
         let mut g = ShardGraph::default();
-        g.update(vec![
-            s("0", &[], true),
-            s("1", &[], false),
-            s("2", &["0"], false),
-            s("3", &["0"], false),
-        ]);
+        g.update(vec![s("0", &[], true), s("1", &[], false), s("2", &["0"], false), s("3", &["0"], false)]);
         assert_eq!(g.take_ready(), vec!["0", "1"]);
         assert!(g.take_ready().is_empty());
         g.finish("0");
@@ -103,11 +96,7 @@ mod tests {
         let mut g = ShardGraph::default();
         g.update(vec![s("a", &[], false), s("b", &[], false)]);
         assert_eq!(g.take_ready(), vec!["a", "b"]);
-        g.update(vec![
-            s("a", &[], true),
-            s("b", &[], true),
-            s("c", &["a", "b"], false),
-        ]);
+        g.update(vec![s("a", &[], true), s("b", &[], true), s("c", &["a", "b"], false)]);
         assert!(!g.is_initial("c"));
         g.finish("a");
         assert!(g.take_ready().is_empty());
