@@ -8,16 +8,20 @@ use crate::runtime::sink_api::{SinkError, SinkIntegration};
 use crate::runtime::{Health, Metrics};
 
 pub mod file;
+pub mod payload;
+pub mod redis_hash;
 pub mod udp;
 
 /// Builds (and connects) the integration for the (validated) sink spec.
 pub async fn build(spec: &SinkSpec, health: Health, metrics: Metrics) -> Result<Arc<dyn SinkIntegration>, SinkError> {
-    let _ = &metrics;
     if let Some(c) = &spec.udp {
         return Ok(Arc::new(udp::UdpSink::connect(c.clone(), health).await?));
     }
     if let Some(c) = &spec.file {
         return Ok(Arc::new(file::FileSink::open(c.clone(), health)?));
+    }
+    if let Some(c) = &spec.redis_hash {
+        return Ok(Arc::new(redis_hash::RedisHashSink::connect(c.clone(), health, metrics).await?));
     }
     Err(SinkError::Permanent(format!("spec.sink: kind {:?} is not available in this build", spec.kind_names())))
 }

@@ -5,6 +5,8 @@ use wallaroo_crds::SourceSpec;
 use crate::runtime::source_api::{SourceError, SourceIntegration};
 
 pub mod file;
+pub mod rabbitmq;
+pub mod redis;
 pub mod udp;
 
 /// The integration for the (validated) source spec.
@@ -14,6 +16,12 @@ pub fn build(spec: &SourceSpec) -> Result<Box<dyn SourceIntegration>, SourceErro
     }
     if let Some(c) = &spec.file {
         return Ok(Box::new(file::FileSource::new(c.clone())));
+    }
+    if let Some(c) = &spec.redis {
+        return Ok(Box::new(redis::RedisSource::new(c.clone())));
+    }
+    if let Some(c) = &spec.rabbitmq {
+        return Ok(Box::new(rabbitmq::RabbitmqSource::new(c.clone())));
     }
     Err(SourceError::Config(format!(
         "spec.source: kind {:?} is not available in this build",
