@@ -10,3 +10,8 @@ pub mod runtime;
 pub mod sim;
 pub mod sinks;
 pub mod sources;
+
+/// The cookie Wallaroo's own tools default to.
+pub(crate) fn runtime_default_cookie() -> &'static str {
+    wallaroo_crds::DEFAULT_COOKIE
+}

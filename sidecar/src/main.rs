@@ -49,7 +49,7 @@ fn init_tracing() {
     }
 }
 
-/// Cancels the token on SIGTERM or Ctrl-C; a second signal exits at once.
+/// Cancels the token on SIGTERM or Ctrl-C.
 fn shutdown_on_signals() -> CancellationToken {
     let token = CancellationToken::new();
     let t = token.clone();
@@ -67,12 +67,6 @@ fn shutdown_on_signals() -> CancellationToken {
         }
         tracing::info!("shutdown requested: stopping intake and draining");
         t.cancel();
-        tokio::select! {
-            _ = term.recv() => {}
-            _ = tokio::signal::ctrl_c() => {}
-        }
-        tracing::warn!("second signal: exiting immediately");
-        std::process::exit(130);
     });
     token
 }

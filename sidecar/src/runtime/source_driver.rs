@@ -142,7 +142,9 @@ impl SourceDriver {
                 self.metrics.reconnects_total.with_label_values(&["worker"]).inc();
             }
             first = false;
-            if shutdown.is_cancelled() && self.session.unacked_streams() == 0 && !self.emit_open {
+            // Disconnected during shutdown with nothing waiting for an ack: records still unsent were never acked,
+            // so upstream replays them next time; nothing is lost by leaving now.
+            if shutdown.is_cancelled() && self.session.unacked_streams() == 0 {
                 break Ok(SourceOutcome::Stopped { unacked: 0 });
             }
             let stream = tokio::select! {
