@@ -281,6 +281,7 @@ async fn stream_survives_redis_going_away_and_coming_back() {
     assert_same(&payloads(&sim.processed(&name)), &want);
     assert!(wait_pending(&key, &group, 0).await);
     assert!(sidecar.alive());
+    assert!(sidecar.log_text().matches("redis connected").count() >= 2, "reconnected to Redis");
     cleanup(&key).await;
 }
 
