@@ -15,14 +15,23 @@ pub fn split(mapping: &PayloadMapping, payload: &[u8]) -> Result<(Option<Bytes>,
         PayloadFormat::Raw => Ok((None, Bytes::copy_from_slice(payload))),
         PayloadFormat::LengthPrefixed => {
             let Some(len) = payload.get(..4) else {
-                return Err(format!("lengthPrefixed payload of {} bytes has no 4-byte key length", payload.len()));
+                return Err(format!(
+                    "lengthPrefixed payload of {} bytes has no 4-byte key length",
+                    payload.len()
+                ));
             };
             let len = u32::from_be_bytes([len[0], len[1], len[2], len[3]]) as usize;
             let rest = &payload[4..];
             if rest.len() < len {
-                return Err(format!("lengthPrefixed key length {len} exceeds the {} bytes that follow", rest.len()));
+                return Err(format!(
+                    "lengthPrefixed key length {len} exceeds the {} bytes that follow",
+                    rest.len()
+                ));
             }
-            Ok((Some(Bytes::copy_from_slice(&rest[..len])), Bytes::copy_from_slice(&rest[len..])))
+            Ok((
+                Some(Bytes::copy_from_slice(&rest[..len])),
+                Bytes::copy_from_slice(&rest[len..]),
+            ))
         }
         PayloadFormat::Json => {
             let object = json_object(payload)?;
@@ -43,7 +52,10 @@ pub fn split(mapping: &PayloadMapping, payload: &[u8]) -> Result<(Option<Bytes>,
 pub fn json_object(payload: &[u8]) -> Result<Map<String, Value>, String> {
     match serde_json::from_slice::<Value>(payload) {
         Ok(Value::Object(m)) => Ok(m),
-        Ok(other) => Err(format!("json payload is not an object but {}", kind(&other))),
+        Ok(other) => Err(format!(
+            "json payload is not an object but {}",
+            kind(&other)
+        )),
         Err(e) => Err(format!("payload is not valid JSON: {e}")),
     }
 }
@@ -73,7 +85,11 @@ mod tests {
     use super::*;
 
     fn mapping(format: PayloadFormat, key: Option<&str>, value: Option<&str>) -> PayloadMapping {
-        PayloadMapping { format, key_field: key.map(String::from), value_field: value.map(String::from) }
+        PayloadMapping {
+            format,
+            key_field: key.map(String::from),
+            value_field: value.map(String::from),
+        }
     }
 
     fn lp(key: &[u8], value: &[u8]) -> Vec<u8> {
@@ -104,8 +120,16 @@ mod tests {
     #[test]
     fn length_prefixed_rejects_short_payloads() {
         let m = mapping(PayloadFormat::LengthPrefixed, None, None);
-        assert!(split(&m, b"\x00\x00").unwrap_err().contains("no 4-byte key length"));
-        assert!(split(&m, b"\x00\x00\x00\x05abc").unwrap_err().contains("exceeds"));
+        assert!(
+            split(&m, b"\x00\x00")
+                .unwrap_err()
+                .contains("no 4-byte key length")
+        );
+        assert!(
+            split(&m, b"\x00\x00\x00\x05abc")
+                .unwrap_err()
+                .contains("exceeds")
+        );
     }
 
     #[test]

@@ -13,7 +13,11 @@ use tokio::sync::Mutex;
 use tokio_util::sync::CancellationToken;
 
 pub fn unique(prefix: &str) -> String {
-    format!("{prefix}-{}-{:08x}", std::process::id(), rand::random::<u32>())
+    format!(
+        "{prefix}-{}-{:08x}",
+        std::process::id(),
+        rand::random::<u32>()
+    )
 }
 
 /// The sidecar binary running one manifest; killed on drop.
@@ -53,14 +57,19 @@ impl Sidecar {
 
     /// SIGTERM and wait for a clean exit.
     pub async fn terminate(&mut self) {
-        let _ = Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status();
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
         for _ in 0..300 {
             if self.child.try_wait().unwrap().is_some() {
                 return;
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        panic!("sidecar did not exit after SIGTERM; log:\n{}", self.log_text());
+        panic!(
+            "sidecar did not exit after SIGTERM; log:\n{}",
+            self.log_text()
+        );
     }
 
     /// The same manifest again (a restarted pod).
@@ -116,7 +125,9 @@ impl Proxy {
                     _ = s.cancelled() => return,
                     a = listener.accept() => a,
                 };
-                let Ok((mut inbound, _)) = accepted else { continue };
+                let Ok((mut inbound, _)) = accepted else {
+                    continue;
+                };
                 if !u.load(Ordering::SeqCst) {
                     drop(inbound);
                     continue;
@@ -124,7 +135,9 @@ impl Proxy {
                 let token = c.lock().await.clone();
                 let target = target.clone();
                 tokio::spawn(async move {
-                    let Ok(mut outbound) = TcpStream::connect(&target).await else { return };
+                    let Ok(mut outbound) = TcpStream::connect(&target).await else {
+                        return;
+                    };
                     tokio::select! {
                         _ = token.cancelled() => {}
                         _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
@@ -132,7 +145,12 @@ impl Proxy {
                 });
             }
         });
-        Self { port, up, cut, stop }
+        Self {
+            port,
+            up,
+            cut,
+            stop,
+        }
     }
 
     pub async fn down(&self) {

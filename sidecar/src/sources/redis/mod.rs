@@ -41,9 +41,15 @@ impl SourceIntegration for RedisSource {
 }
 
 /// The URL from the inline field or the secret it names (validation guarantees exactly one is set).
-pub fn resolve_url(inline: &Option<String>, from: &Option<SecretValue>, field: &str) -> Result<String, String> {
+pub fn resolve_url(
+    inline: &Option<String>,
+    from: &Option<SecretValue>,
+    field: &str,
+) -> Result<String, String> {
     match (inline, from) {
-        (_, Some(s)) => s.resolve(&format!("{field}From")).map_err(|e| e.to_string()),
+        (_, Some(s)) => s
+            .resolve(&format!("{field}From"))
+            .map_err(|e| e.to_string()),
         (Some(u), None) => Ok(u.clone()),
         (None, None) => Err(format!("{field}: set url or urlFrom")),
     }
@@ -64,7 +70,9 @@ pub(crate) struct Backoff {
 
 impl Backoff {
     pub fn new() -> Self {
-        Self { next: Duration::from_millis(100) }
+        Self {
+            next: Duration::from_millis(100),
+        }
     }
     pub fn reset(&mut self) {
         self.next = Duration::from_millis(100);
