@@ -548,3 +548,25 @@ async fn pubsub_worker_restart_replays_unacknowledged_messages() {
     assert_same(&payloads(&sim.processed(&name)), &want);
     sim.with(clean);
 }
+
+#[tokio::test]
+async fn stream_entry_id_outside_the_encoding_stops_with_a_clear_error() {
+    let (key, group) = (unique("stream"), unique("group"));
+    let mut c = redis().await;
+    // seq 2^20 does not fit `ms << 20 | seq`.
+    let _: String = redis::cmd("XADD").arg(&key).arg("5-1048576").arg("data").arg("x").query_async(&mut c).await.unwrap();
+    let sim = sim().await;
+    let sidecar = Sidecar::start(&stream_manifest(sim.addr().port(), 6379, &key, &group, "c1", ""));
+    // The source stops instead of inventing a point of reference (the runtime then ends the session).
+    let mut logged = false;
+    for _ in 0..300 {
+        if sidecar.log_text().contains("5-1048576: seq does not fit") {
+            logged = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(logged, "{}", sidecar.log_text());
+    assert_eq!(sim.with(|s| s.processed_total()), 0);
+    cleanup(&key).await;
+}

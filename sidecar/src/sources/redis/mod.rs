@@ -33,10 +33,15 @@ impl SourceIntegration for RedisSource {
             .map_err(SourceError::Config)?;
         let client = redis::Client::open(url.as_str())
             .map_err(|e| SourceError::Config(format!("spec.source.redis.url: {e}")))?;
-        match self.cfg.mode {
+        let result = match self.cfg.mode {
             RedisMode::Pubsub => pubsub::run(self.cfg, client, ctx).await,
             RedisMode::Stream => stream::run(self.cfg, client, ctx).await,
+        };
+        // Logged here as well: the runtime reports an integration's error only once the session ends.
+        if let Err(e) = &result {
+            tracing::error!(error = %e, "redis source stopped");
         }
+        result
     }
 }
 
