@@ -141,7 +141,8 @@ async fn committed_rounds_apply_once_and_aborted_rounds_never() {
 #[tokio::test]
 async fn crash_between_phases_resolves_both_ways() {
     let key = unique("hash");
-    let (recs, end) = records(0, &[("k1", "v1"), ("k2", "v2")]);
+    // A field written twice (the later value wins) and bytes Lua must not mangle (NUL, UTF-8).
+    let (recs, end) = records(0, &[("k1", "v0"), ("k1", "v1"), ("k2", "a\u{0}b\u{e9}")]);
     {
         let s = sink(&key).await;
         s.recover("w1").await.unwrap();
@@ -158,7 +159,10 @@ async fn crash_between_phases_resolves_both_ways() {
         "the prepared round is reported after a restart"
     );
     s.commit("w1", &txn("t1", 0, end)).await.unwrap();
-    assert_eq!(hash(&key).await.len(), 2);
+    let h = hash(&key).await;
+    assert_eq!(h.len(), 2);
+    assert_eq!(h.get("k1").map(String::as_str), Some("v1"));
+    assert_eq!(h.get("k2").map(String::as_str), Some("a\u{0}b\u{e9}"));
     let r = s.recover("w1").await.unwrap();
     assert_eq!((r.committed, r.pending), (Some(end), None));
 
