@@ -16,11 +16,21 @@ use wallaroo_connector::sim::{RoundOutcome, SinkSim, SinkSimConfig};
 const URL: &str = "redis://127.0.0.1:6379";
 
 fn env_or(name: &str, default: usize) -> usize {
-    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
 }
 
 fn pairs(n: usize) -> Vec<(String, Vec<u8>)> {
-    (0..n).map(|i| (format!("field-{:07}", i % 200_000), format!("value-{i:010}-{}", "x".repeat(16)).into_bytes())).collect()
+    (0..n)
+        .map(|i| {
+            (
+                format!("field-{:07}", i % 200_000),
+                format!("value-{i:010}-{}", "x".repeat(16)).into_bytes(),
+            )
+        })
+        .collect()
 }
 
 fn lp(k: &str, v: &[u8]) -> Vec<u8> {
@@ -53,14 +63,23 @@ async fn plain(key: &str, data: &[(String, Vec<u8>)], round: usize) -> Duration 
 }
 
 async fn sink(key: &str, data: &[(String, Vec<u8>)], round: usize) -> Duration {
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
     let yaml = format!(
         "apiVersion: wallaroo.dev/v1alpha1\nkind: Connector\nmetadata: {{name: bench}}\nspec:\n  connectorName: bench\n  \
          worker: {{host: 127.0.0.1, port: {port}}}\n  sink:\n    redisHash: {{url: \"{URL}\", key: {key}}}\n"
     );
-    let connector = wallaroo_crds::parse_connectors(&yaml, "bench").unwrap().remove(0);
+    let connector = wallaroo_crds::parse_connectors(&yaml, "bench")
+        .unwrap()
+        .remove(0);
     let stop = CancellationToken::new();
-    let overrides = RunOverrides { admin_addr: Some("127.0.0.1:0".parse().unwrap()), drain_timeout: Some(Duration::from_secs(5)) };
+    let overrides = RunOverrides {
+        admin_addr: Some("127.0.0.1:0".parse().unwrap()),
+        drain_timeout: Some(Duration::from_secs(5)),
+    };
     let task = tokio::spawn(run(connector, overrides, stop.clone()));
     let worker = format!("bench-{}", std::process::id());
     let addr = format!("127.0.0.1:{port}").parse().unwrap();
@@ -92,7 +111,11 @@ async fn sink(key: &str, data: &[(String, Vec<u8>)], round: usize) -> Duration {
     let elapsed = t.elapsed();
     stop.cancel();
     let _ = task.await;
-    for k in [format!("wallaroo:offset:{key}:{worker}"), format!("wallaroo:stage:{key}:{worker}"), format!("wallaroo:txn:{key}:{worker}")] {
+    for k in [
+        format!("wallaroo:offset:{key}:{worker}"),
+        format!("wallaroo:stage:{key}:{worker}"),
+        format!("wallaroo:txn:{key}:{worker}"),
+    ] {
         let _: () = c.del(k).await.unwrap();
     }
     elapsed
