@@ -554,9 +554,23 @@ async fn stream_entry_id_outside_the_encoding_stops_with_a_clear_error() {
     let (key, group) = (unique("stream"), unique("group"));
     let mut c = redis().await;
     // seq 2^20 does not fit `ms << 20 | seq`.
-    let _: String = redis::cmd("XADD").arg(&key).arg("5-1048576").arg("data").arg("x").query_async(&mut c).await.unwrap();
+    let _: String = redis::cmd("XADD")
+        .arg(&key)
+        .arg("5-1048576")
+        .arg("data")
+        .arg("x")
+        .query_async(&mut c)
+        .await
+        .unwrap();
     let sim = sim().await;
-    let sidecar = Sidecar::start(&stream_manifest(sim.addr().port(), 6379, &key, &group, "c1", ""));
+    let sidecar = Sidecar::start(&stream_manifest(
+        sim.addr().port(),
+        6379,
+        &key,
+        &group,
+        "c1",
+        "",
+    ));
     // The source stops instead of inventing a point of reference (the runtime then ends the session).
     let mut logged = false;
     for _ in 0..300 {
