@@ -14,23 +14,10 @@ pub fn split(mapping: &PayloadMapping, payload: &[u8]) -> Result<(Option<Bytes>,
     match mapping.format {
         PayloadFormat::Raw => Ok((None, Bytes::copy_from_slice(payload))),
         PayloadFormat::LengthPrefixed => {
-            let Some(len) = payload.get(..4) else {
-                return Err(format!(
-                    "lengthPrefixed payload of {} bytes has no 4-byte key length",
-                    payload.len()
-                ));
-            };
-            let len = u32::from_be_bytes([len[0], len[1], len[2], len[3]]) as usize;
-            let rest = &payload[4..];
-            if rest.len() < len {
-                return Err(format!(
-                    "lengthPrefixed key length {len} exceeds the {} bytes that follow",
-                    rest.len()
-                ));
-            }
+            let (k, v) = key_bounds(payload)?;
             Ok((
-                Some(Bytes::copy_from_slice(&rest[..len])),
-                Bytes::copy_from_slice(&rest[len..]),
+                Some(Bytes::copy_from_slice(&payload[k])),
+                Bytes::copy_from_slice(&payload[v]),
             ))
         }
         PayloadFormat::Json => {
@@ -46,6 +33,39 @@ pub fn split(mapping: &PayloadMapping, payload: &[u8]) -> Result<(Option<Bytes>,
             Ok((key, value))
         }
     }
+}
+
+/// [`split`] without copying for `raw` and `lengthPrefixed`: key and value share the payload's buffer.
+pub fn split_bytes(
+    mapping: &PayloadMapping,
+    payload: &Bytes,
+) -> Result<(Option<Bytes>, Bytes), String> {
+    match mapping.format {
+        PayloadFormat::Raw => Ok((None, payload.clone())),
+        PayloadFormat::LengthPrefixed => {
+            let (k, v) = key_bounds(payload)?;
+            Ok((Some(payload.slice(k)), payload.slice(v)))
+        }
+        PayloadFormat::Json => split(mapping, payload),
+    }
+}
+
+/// Byte ranges of key and value in a `lengthPrefixed` payload.
+fn key_bounds(payload: &[u8]) -> Result<(std::ops::Range<usize>, std::ops::Range<usize>), String> {
+    let Some(len) = payload.get(..4) else {
+        return Err(format!(
+            "lengthPrefixed payload of {} bytes has no 4-byte key length",
+            payload.len()
+        ));
+    };
+    let len = u32::from_be_bytes([len[0], len[1], len[2], len[3]]) as usize;
+    if payload.len() - 4 < len {
+        return Err(format!(
+            "lengthPrefixed key length {len} exceeds the {} bytes that follow",
+            payload.len() - 4
+        ));
+    }
+    Ok((4..4 + len, 4 + len..payload.len()))
 }
 
 /// Parses a payload that must be a JSON object (for sinks that map fields to columns).
@@ -130,6 +150,19 @@ mod tests {
                 .unwrap_err()
                 .contains("exceeds")
         );
+    }
+
+    #[test]
+    fn split_bytes_matches_split() {
+        let m = mapping(PayloadFormat::LengthPrefixed, None, None);
+        let p = Bytes::from(lp(b"key", b"value"));
+        assert_eq!(split_bytes(&m, &p).unwrap(), split(&m, &p).unwrap());
+        assert!(split_bytes(&m, &Bytes::from_static(b"\x00\x00\x00\x09ab")).is_err());
+        let raw = mapping(PayloadFormat::Raw, None, None);
+        assert_eq!(split_bytes(&raw, &p).unwrap(), split(&raw, &p).unwrap());
+        let json = mapping(PayloadFormat::Json, Some("id"), None);
+        let p = Bytes::from_static(br#"{"id":"a"}"#);
+        assert_eq!(split_bytes(&json, &p).unwrap(), split(&json, &p).unwrap());
     }
 
     #[test]

@@ -274,7 +274,7 @@ impl SinkIntegration for RedisHashSink {
         // Parse first (no lock held), so a bad payload fails the whole call before anything is kept.
         let mut parsed = Vec::with_capacity(records.len());
         for r in &records {
-            let (k, v) = payload::split(&self.mapping, &r.payload).map_err(|e| {
+            let (k, v) = payload::split_bytes(&self.mapping, &r.payload).map_err(|e| {
                 SinkError::Permanent(format!("message at offset {}: {e}", r.offset))
             })?;
             let k = k.ok_or_else(|| {
