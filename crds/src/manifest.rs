@@ -26,8 +26,11 @@ pub fn parse_connectors(text: &str, origin: &str) -> Result<Vec<Connector>, Mani
     let mut out = Vec::new();
     for (i, doc) in serde_yaml::Deserializer::from_str(text).enumerate() {
         let doc_no = i + 1;
-        let value = serde_yaml::Value::deserialize(doc)
-            .map_err(|source| ManifestError::Yaml { origin: origin.to_string(), doc: doc_no, source })?;
+        let value = serde_yaml::Value::deserialize(doc).map_err(|source| ManifestError::Yaml {
+            origin: origin.to_string(),
+            doc: doc_no,
+            source,
+        })?;
         if value.is_null() {
             continue;
         }
@@ -50,8 +53,11 @@ pub fn parse_connectors(text: &str, origin: &str) -> Result<Vec<Connector>, Mani
                 found: format!("{api} {kind}"),
             });
         }
-        let connector: Connector = serde_yaml::from_value(value)
-            .map_err(|source| ManifestError::Yaml { origin: origin.to_string(), doc: doc_no, source })?;
+        let connector: Connector = serde_yaml::from_value(value).map_err(|source| ManifestError::Yaml {
+            origin: origin.to_string(),
+            doc: doc_no,
+            source,
+        })?;
         connector.spec.validate().map_err(|errors| ManifestError::Invalid {
             origin: origin.to_string(),
             doc: doc_no,

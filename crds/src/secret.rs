@@ -35,9 +35,7 @@ pub enum SecretError {
 /// Stable and collision-resistant: both parts are upper-cased, non-alphanumerics become `_`.
 pub fn secret_env_var(name: &str, key: &str) -> String {
     let clean = |s: &str| -> String {
-        s.chars()
-            .map(|c| if c.is_ascii_alphanumeric() { c.to_ascii_uppercase() } else { '_' })
-            .collect()
+        s.chars().map(|c| if c.is_ascii_alphanumeric() { c.to_ascii_uppercase() } else { '_' }).collect()
     };
     format!("WALLAROO_SECRET_{}__{}", clean(name), clean(key))
 }

@@ -68,7 +68,10 @@ impl Check {
                     && c.all(|ch| ch.is_ascii_alphanumeric() || ch == '_')
             });
         if !ok {
-            self.fail(field, format!("{v:?} is not a plain SQL identifier (letters, digits, _; optionally schema.table)"));
+            self.fail(
+                field,
+                format!("{v:?} is not a plain SQL identifier (letters, digits, _; optionally schema.table)"),
+            );
         }
     }
     fn key_field(&mut self, base: &str, format: PayloadFormat, key_field: &Option<String>, needs_key: bool) {
@@ -88,7 +91,11 @@ impl ConnectorSpec {
     /// Validates the whole spec; every problem found is reported, not just the first.
     pub fn validate(&self) -> Result<(), ValidationErrors> {
         let mut c = Check(Vec::new());
-        c.non_empty("spec.connectorName", &self.connector_name, "use the name given to source_connector()/sink_connector()");
+        c.non_empty(
+            "spec.connectorName",
+            &self.connector_name,
+            "use the name given to source_connector()/sink_connector()",
+        );
         c.non_empty("spec.worker.host", &self.worker.host, "e.g. 127.0.0.1");
         c.port("spec.worker.port", self.worker.port);
         c.port("spec.metricsPort", self.metrics_port);

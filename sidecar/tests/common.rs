@@ -20,10 +20,8 @@ pub struct Running {
 /// Runs a connector in this process (admin server on an ephemeral port).
 pub fn spawn(c: Connector) -> Running {
     let stop = CancellationToken::new();
-    let overrides = RunOverrides {
-        admin_addr: Some("127.0.0.1:0".parse().unwrap()),
-        drain_timeout: Some(Duration::from_secs(5)),
-    };
+    let overrides =
+        RunOverrides { admin_addr: Some("127.0.0.1:0".parse().unwrap()), drain_timeout: Some(Duration::from_secs(5)) };
     let s = stop.clone();
     let task = tokio::spawn(async move { run(c, overrides, s).await.map_err(|e| e.to_string()) });
     Running { stop, task }

@@ -38,17 +38,39 @@ pub struct Message {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Frame {
     Hello(Hello),
-    Ok { initial_credits: u32 },
-    Error { message: Bytes },
-    Notify { stream_id: u64, stream_name: Bytes, point_of_ref: u64 },
-    NotifyAck { success: bool, stream_id: u64, point_of_ref: u64 },
+    Ok {
+        initial_credits: u32,
+    },
+    Error {
+        message: Bytes,
+    },
+    Notify {
+        stream_id: u64,
+        stream_name: Bytes,
+        point_of_ref: u64,
+    },
+    NotifyAck {
+        success: bool,
+        stream_id: u64,
+        point_of_ref: u64,
+    },
     Message(Message),
-    Ack { credits: u32, acks: Vec<(u64, u64)> },
+    Ack {
+        credits: u32,
+        acks: Vec<(u64, u64)>,
+    },
     /// `address` may be empty (a lenient decode of an empty body, as Python allows).
-    Restart { address: Bytes },
-    Eos { stream_id: u64 },
+    Restart {
+        address: Bytes,
+    },
+    Eos {
+        stream_id: u64,
+    },
     /// Top-level tag 9: only in the Pony codec, never sent by anyone; decoded for completeness.
-    WorkersLeft { rtag: u64, workers: Vec<Bytes> },
+    WorkersLeft {
+        rtag: u64,
+        workers: Vec<Bytes>,
+    },
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -84,11 +106,7 @@ impl Reader {
         Self { buf, frame }
     }
     fn need(&self, n: usize, field: &'static str) -> Result<(), DecodeError> {
-        if self.buf.remaining() < n {
-            Err(DecodeError::Truncated { frame: self.frame, field })
-        } else {
-            Ok(())
-        }
+        if self.buf.remaining() < n { Err(DecodeError::Truncated { frame: self.frame, field }) } else { Ok(()) }
     }
     pub(crate) fn u8(&mut self, field: &'static str) -> Result<u8, DecodeError> {
         self.need(1, field)?;
@@ -141,7 +159,8 @@ impl Reader {
 }
 
 pub(crate) fn put_short(buf: &mut BytesMut, field: &'static str, v: &[u8]) -> Result<(), EncodeError> {
-    let len = u16::try_from(v.len()).map_err(|_| EncodeError::TooLong { field, len: v.len(), max: u16::MAX as usize })?;
+    let len =
+        u16::try_from(v.len()).map_err(|_| EncodeError::TooLong { field, len: v.len(), max: u16::MAX as usize })?;
     buf.put_u16(len);
     buf.put_slice(v);
     Ok(())
@@ -294,7 +313,8 @@ impl Frame {
     /// Appends the length-prefixed frame to `buf`, exactly in the Pony layout.
     pub fn encode(&self, buf: &mut BytesMut) -> Result<(), EncodeError> {
         let len = self.body_len();
-        let len32 = u32::try_from(len).map_err(|_| EncodeError::TooLong { field: "frame", len, max: u32::MAX as usize })?;
+        let len32 =
+            u32::try_from(len).map_err(|_| EncodeError::TooLong { field: "frame", len, max: u32::MAX as usize })?;
         let start = buf.len();
         buf.reserve(4 + len);
         buf.put_u32(len32);
@@ -345,8 +365,11 @@ impl Frame {
             Frame::Ack { credits, acks } => {
                 buf.put_u8(tag::ACK);
                 buf.put_u32(*credits);
-                let n = u32::try_from(acks.len())
-                    .map_err(|_| EncodeError::TooLong { field: "ACK.entries", len: acks.len(), max: u32::MAX as usize })?;
+                let n = u32::try_from(acks.len()).map_err(|_| EncodeError::TooLong {
+                    field: "ACK.entries",
+                    len: acks.len(),
+                    max: u32::MAX as usize,
+                })?;
                 buf.put_u32(n);
                 for (sid, por) in acks {
                     buf.put_u64(*sid);
@@ -406,7 +429,8 @@ pub fn encode_message_parts(
     }
     let payload_len: usize = payload.iter().map(|p| p.len()).sum();
     let len = 1 + 24 + 2 + key.len() + payload_len;
-    let len32 = u32::try_from(len).map_err(|_| EncodeError::TooLong { field: "MESSAGE", len, max: u32::MAX as usize })?;
+    let len32 =
+        u32::try_from(len).map_err(|_| EncodeError::TooLong { field: "MESSAGE", len, max: u32::MAX as usize })?;
     buf.reserve(4 + len);
     buf.put_u32(len32);
     buf.put_u8(tag::MESSAGE);

@@ -10,9 +10,7 @@ pub mod source;
 mod stream_id;
 mod twopc;
 
-pub use codec::{
-    DecodeError, EncodeError, Frame, Hello, Message, U64_MAX, encode_message, encode_message_parts, tag,
-};
+pub use codec::{DecodeError, EncodeError, Frame, Hello, Message, U64_MAX, encode_message, encode_message_parts, tag};
 pub use decoder::{CodecError, DEFAULT_MAX_FRAME, FrameCodec};
 pub use stream_id::stream_id_for;
 pub use twopc::{TwoPc, WhereRange};

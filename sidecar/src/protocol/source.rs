@@ -310,12 +310,8 @@ impl SourceSession {
             (Phase::AwaitingOk, Frame::Ok { initial_credits }) => {
                 self.phase = Phase::Streaming;
                 self.credits = initial_credits;
-                let mut pending: Vec<u64> = self
-                    .streams
-                    .iter()
-                    .filter(|(_, s)| s.phase == StreamPhase::Pending)
-                    .map(|(id, _)| *id)
-                    .collect();
+                let mut pending: Vec<u64> =
+                    self.streams.iter().filter(|(_, s)| s.phase == StreamPhase::Pending).map(|(id, _)| *id).collect();
                 // Deterministic NOTIFY order makes runs reproducible.
                 pending.sort_unstable();
                 self.control.extend(pending);
@@ -325,7 +321,8 @@ impl SourceSession {
                 self.close(format!("worker sent ERROR: {}", String::from_utf8_lossy(&message)));
             }
             (_, Frame::Restart { address }) => {
-                let address = if address.is_empty() { None } else { Some(String::from_utf8_lossy(&address).into_owned()) };
+                let address =
+                    if address.is_empty() { None } else { Some(String::from_utf8_lossy(&address).into_owned()) };
                 self.phase = Phase::Disconnected;
                 self.events.push_back(SourceEvent::Restart { address });
             }
@@ -363,7 +360,11 @@ impl SourceSession {
         s.last_sent = None;
         s.generation += 1;
         s.end_requested = false;
-        self.events.push_back(SourceEvent::Start { stream_id, from: Position::from_por(por), generation: s.generation });
+        self.events.push_back(SourceEvent::Start {
+            stream_id,
+            from: Position::from_por(por),
+            generation: s.generation,
+        });
     }
 
     fn on_ack(&mut self, credits: u32, acks: &[(u64, u64)]) {

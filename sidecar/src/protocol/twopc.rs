@@ -22,13 +22,30 @@ pub struct WhereRange {
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum TwoPc {
-    ListUncommitted { rtag: u64 },
-    ReplyUncommitted { rtag: u64, txn_ids: Vec<Bytes> },
-    Phase1 { txn_id: Bytes, where_list: Vec<WhereRange> },
+    ListUncommitted {
+        rtag: u64,
+    },
+    ReplyUncommitted {
+        rtag: u64,
+        txn_ids: Vec<Bytes>,
+    },
+    Phase1 {
+        txn_id: Bytes,
+        where_list: Vec<WhereRange>,
+    },
     /// The Phase 1 vote. There is no reply to Phase 2.
-    Reply { txn_id: Bytes, commit: bool },
-    Phase2 { txn_id: Bytes, commit: bool },
-    WorkersLeft { rtag: u64, workers: Vec<Bytes> },
+    Reply {
+        txn_id: Bytes,
+        commit: bool,
+    },
+    Phase2 {
+        txn_id: Bytes,
+        commit: bool,
+    },
+    WorkersLeft {
+        rtag: u64,
+        workers: Vec<Bytes>,
+    },
 }
 
 impl TwoPc {

@@ -31,12 +31,12 @@ impl Metrics {
         labels.insert("kind".to_string(), kind.to_string());
         labels.insert("direction".to_string(), direction.to_string());
         let registry = Registry::new_custom(Some("wallaroo_connector".to_string()), Some(labels))?;
-        let messages_total = IntCounter::new("messages_total", "Messages moved between the worker and the external system")?;
-        let bytes_total = IntCounter::new("bytes_total", "Payload bytes moved between the worker and the external system")?;
-        let errors_total = IntCounterVec::new(
-            Opts::new("errors_total", "Errors by type and stage"),
-            &["error_type", "stage"],
-        )?;
+        let messages_total =
+            IntCounter::new("messages_total", "Messages moved between the worker and the external system")?;
+        let bytes_total =
+            IntCounter::new("bytes_total", "Payload bytes moved between the worker and the external system")?;
+        let errors_total =
+            IntCounterVec::new(Opts::new("errors_total", "Errors by type and stage"), &["error_type", "stage"])?;
         let credits_available = IntGauge::new("credits_available", "Source credits currently available")?;
         let acked_point_of_reference = GaugeVec::new(
             Opts::new("acked_point_of_reference", "Last point of reference the worker acknowledged, per stream"),

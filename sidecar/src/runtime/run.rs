@@ -55,8 +55,7 @@ pub async fn run(connector: Connector, overrides: RunOverrides, shutdown: Cancel
     let kind = spec.kind_name().unwrap_or("unknown");
     let metrics = Metrics::new(&spec.connector_name, kind, &direction.to_string())?;
     let health = Health::new();
-    let admin_addr =
-        overrides.admin_addr.unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], spec.metrics_port)));
+    let admin_addr = overrides.admin_addr.unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], spec.metrics_port)));
     let admin_stop = CancellationToken::new();
     let (bound, admin) = admin::serve(admin_addr, metrics.clone(), health.clone(), admin_stop.clone())
         .await

@@ -12,7 +12,9 @@ use tokio::time::Instant;
 use tokio_util::codec::FramedRead;
 use tokio_util::sync::CancellationToken;
 
-use super::source_api::{COMMAND_CAPACITY, Command, EMIT_CAPACITY, Emit, Record, SourceContext, SourceError, SourceIntegration};
+use super::source_api::{
+    COMMAND_CAPACITY, Command, EMIT_CAPACITY, Emit, Record, SourceContext, SourceError, SourceIntegration,
+};
 use super::{Health, Metrics};
 use crate::protocol::FrameCodec;
 use crate::protocol::source::{SendError, Sent, SourceEvent, SourceSession, SourceSessionConfig};
@@ -203,6 +205,8 @@ impl SourceDriver {
         drop(self.emit_rx);
         if let Some(task) = self.task.take() {
             match tokio::time::timeout(Duration::from_secs(10), task).await {
+                // We hung up first (shutdown or completion): the integration noticing that is not a failure.
+                Ok(Ok(Err(SourceError::RuntimeGone))) => {}
                 Ok(Ok(Err(e))) => return Err(DriverError::Integration(e)),
                 Ok(Err(e)) => return Err(DriverError::Join(e.to_string())),
                 _ => {}
@@ -289,7 +293,7 @@ impl SourceDriver {
                     self.metrics.worker_connected.set(1);
                     *backoff = self.cfg.backoff_initial;
                 }
-                self.pump()?;
+                self.pump(shutdown.is_cancelled())?;
             }
             self.metrics.credits_available.set(i64::from(self.session.credits()));
             if self.session.has_output() {
@@ -298,25 +302,28 @@ impl SourceDriver {
                     break self.lost(format!("write failed: {e}"));
                 }
                 // More may be ready right away (a batch larger than one chunk); go around before waiting.
-                if self.session.can_send() && (self.pending.is_some() || !self.emit_rx.is_empty()) {
+                if self.session.can_send()
+                    && (self.pending.is_some() || (!self.emit_rx.is_empty() && !shutdown.is_cancelled()))
+                {
                     continue;
                 }
             }
             // Finished, or the shutdown drain is over?
-            if !self.emit_open && self.pending.is_none() {
-                if self.session.all_finished() {
-                    break ConnEnd::Done(SourceOutcome::Completed);
-                }
-                if shutdown.is_cancelled() && self.session.unacked_streams() == 0 {
-                    break ConnEnd::Done(SourceOutcome::Stopped { unacked: 0 });
-                }
+            if !self.emit_open && self.pending.is_none() && self.session.all_finished() {
+                break ConnEnd::Done(SourceOutcome::Completed);
+            }
+            // Shutdown: the batch in hand goes out, nothing more is taken from the integration (records it read
+            // were never acknowledged, so upstream replays them), and we leave once what was sent is acknowledged.
+            if shutdown.is_cancelled() && self.pending.is_none() && self.session.unacked_streams() == 0 {
+                break ConnEnd::Done(SourceOutcome::Stopped { unacked: 0 });
             }
             if shutdown.is_cancelled() && drain_deadline.is_none() {
                 self.health.set_stopping();
                 drain_deadline = self.drain_deadline(shutdown);
                 tracing::info!("shutdown: intake stopped, draining");
             }
-            let can_take = self.session.is_streaming() && self.pending.is_none() && self.emit_open;
+            let can_take =
+                self.session.is_streaming() && self.pending.is_none() && self.emit_open && !shutdown.is_cancelled();
             let deadline = drain_deadline.unwrap_or_else(|| Instant::now() + Duration::from_secs(3600));
             tokio::select! {
                 frame = frames.next() => match frame {
@@ -373,12 +380,12 @@ impl SourceDriver {
     }
 
     /// Feeds pending records (and further ready batches) to the session while credits last.
-    fn pump(&mut self) -> Result<(), DriverError> {
+    fn pump(&mut self, stopping: bool) -> Result<(), DriverError> {
         let mut sent = 0u64;
         let mut bytes = 0u64;
         while self.session.output_len() < WRITE_CHUNK {
             let Some(p) = self.pending.as_mut() else {
-                if !self.session.can_send() || !self.emit_open {
+                if !self.session.can_send() || !self.emit_open || stopping {
                     break;
                 }
                 match self.emit_rx.try_recv() {

@@ -55,7 +55,8 @@ pub struct SimArgs {
 }
 
 pub async fn run(args: SimArgs, shutdown: CancellationToken) -> anyhow::Result<()> {
-    let app: AppFn = apps::by_name(&args.app).with_context(|| format!("--app {}: use identity or celsius", args.app))?;
+    let app: AppFn =
+        apps::by_name(&args.app).with_context(|| format!("--app {}: use identity or celsius", args.app))?;
     let period = Duration::from_millis(args.checkpoint_ms.max(1));
     let (tx, mut rx) = mpsc::channel::<Processed>(8192);
     let source = match &args.source_listen {
@@ -69,7 +70,8 @@ pub async fn run(args: SimArgs, shutdown: CancellationToken) -> anyhow::Result<(
                 checkpoint_every: if args.sink_connect.is_some() { None } else { Some(period) },
                 keep_payloads: false,
             };
-            let sim = SourceSim::start_with_output(cfg, Some(tx)).await.with_context(|| format!("listen on {listen}"))?;
+            let sim =
+                SourceSim::start_with_output(cfg, Some(tx)).await.with_context(|| format!("listen on {listen}"))?;
             tracing::info!(addr = %sim.addr(), "sim worker: accepting source connectors");
             Some(sim)
         }
@@ -99,11 +101,11 @@ pub async fn run(args: SimArgs, shutdown: CancellationToken) -> anyhow::Result<(
                     emit(&out, &args, &mut stdout, &mut save, &mut sink).await?;
                 }
                 if let Some(src) = &source {
-                    if args.restart_every.is_some_and(|n| processed % n == 0) {
+                    if args.restart_every.is_some_and(|n| n > 0 && processed.is_multiple_of(n)) {
                         tracing::info!(processed, "fault: rollback + RESTART");
                         src.restart_connections();
                     }
-                    if args.drop_every.is_some_and(|n| processed % n == 0) {
+                    if args.drop_every.is_some_and(|n| n > 0 && processed.is_multiple_of(n)) {
                         tracing::info!(processed, "fault: dropping source connections");
                         src.drop_connections();
                     }

@@ -172,7 +172,11 @@ impl SinkSim {
                 self.resolved.push((String::from_utf8_lossy(&txn).into_owned(), commit));
                 self.send_frame(TwoPc::Phase2 { txn_id: txn, commit }.to_frame().map_err(CodecError::from)?).await?;
             }
-            n => return Err(SinkSimError::Violation(format!("the worker requires at most one uncommitted txn, got {n}"))),
+            n => {
+                return Err(SinkSimError::Violation(format!(
+                    "the worker requires at most one uncommitted txn, got {n}"
+                )));
+            }
         }
         Ok(())
     }
@@ -209,7 +213,8 @@ impl SinkSim {
         self.checkpoint_id += 1;
         let txn = Bytes::from(self.txn_name(self.checkpoint_id));
         let where_list = vec![WhereRange { stream_id: 1, start: self.committed, end: self.offset }];
-        self.send_frame(TwoPc::Phase1 { txn_id: txn.clone(), where_list }.to_frame().map_err(CodecError::from)?).await?;
+        self.send_frame(TwoPc::Phase1 { txn_id: txn.clone(), where_list }.to_frame().map_err(CodecError::from)?)
+            .await?;
         match self.read_2pc().await? {
             TwoPc::Reply { txn_id, commit } if txn_id == txn => {
                 if commit {
@@ -316,7 +321,9 @@ impl SinkSim {
 
     async fn read_2pc(&mut self) -> Result<TwoPc, SinkSimError> {
         match self.read().await? {
-            Frame::Message(Message { stream_id: 0, payload, .. }) => Ok(TwoPc::decode(payload).map_err(CodecError::from)?),
+            Frame::Message(Message { stream_id: 0, payload, .. }) => {
+                Ok(TwoPc::decode(payload).map_err(CodecError::from)?)
+            }
             other => Err(SinkSimError::Violation(format!("expected a stream-0 MESSAGE, got {other:?}"))),
         }
     }

@@ -356,7 +356,10 @@ impl SourceSim {
     }
 
     /// Like `start`, handing every processed message to `output` (the application pipeline).
-    pub async fn start_with_output(cfg: SourceSimConfig, output: Option<mpsc::Sender<Processed>>) -> std::io::Result<Self> {
+    pub async fn start_with_output(
+        cfg: SourceSimConfig,
+        output: Option<mpsc::Sender<Processed>>,
+    ) -> std::io::Result<Self> {
         let listener = TcpListener::bind(&cfg.listen).await?;
         let addr = listener.local_addr()?;
         let every = cfg.checkpoint_every;
@@ -513,7 +516,7 @@ async fn connection(
     let mut processed = Vec::new();
     loop {
         let n = tokio::select! {
-            r = rd.read_buf(&mut buf) => match r { Ok(n) => n, Err(_) => 0 },
+            r = rd.read_buf(&mut buf) => r.unwrap_or(0),
             _ = stop.cancelled() => 0,
         };
         if n == 0 {

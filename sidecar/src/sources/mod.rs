@@ -23,8 +23,5 @@ pub fn build(spec: &SourceSpec) -> Result<Box<dyn SourceIntegration>, SourceErro
     if let Some(c) = &spec.rabbitmq {
         return Ok(Box::new(rabbitmq::RabbitmqSource::new(c.clone())));
     }
-    Err(SourceError::Config(format!(
-        "spec.source: kind {:?} is not available in this build",
-        spec.kind_names()
-    )))
+    Err(SourceError::Config(format!("spec.source: kind {:?} is not available in this build", spec.kind_names())))
 }

@@ -116,7 +116,13 @@ impl SinkIntegration for FileSink {
     async fn recover(&self, worker: &str) -> Result<Recovery, SinkError> {
         let (committed, pending) = replay(&log_path(&self.dir, worker))?;
         let keep = pending.as_ref().map_or(committed, |p| p.end);
-        let out = OpenOptions::new().create(true).read(true).write(true).truncate(false).open(out_path(&self.dir, worker)).map_err(io)?;
+        let out = OpenOptions::new()
+            .create(true)
+            .read(true)
+            .write(true)
+            .truncate(false)
+            .open(out_path(&self.dir, worker))
+            .map_err(io)?;
         let len = out.metadata().map_err(io)?.len();
         if len < keep {
             return Err(SinkError::Permanent(format!(
@@ -153,7 +159,10 @@ impl SinkIntegration for FileSink {
         let mut workers = self.workers.lock().await;
         let files = workers.get_mut(worker).ok_or_else(|| SinkError::Permanent(format!("unknown worker {worker}")))?;
         if files.len != txn.end {
-            return Err(SinkError::Permanent(format!("output holds {} bytes, transaction ends at {}", files.len, txn.end)));
+            return Err(SinkError::Permanent(format!(
+                "output holds {} bytes, transaction ends at {}",
+                files.len, txn.end
+            )));
         }
         files.out.sync_data().map_err(io)?;
         Self::append_log(files, &LogEntry::Prepare { txn: txn.id_str(), start: txn.start, end: txn.end })
@@ -176,7 +185,8 @@ impl SinkIntegration for FileSink {
 
     async fn forget(&self, worker: &str) -> Result<(), SinkError> {
         self.workers.lock().await.remove(worker);
-        let stamp = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+        let stamp =
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
         for p in [out_path(&self.dir, worker), log_path(&self.dir, worker)] {
             if p.exists() {
                 let mut archived = p.clone().into_os_string();

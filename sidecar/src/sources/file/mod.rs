@@ -3,9 +3,9 @@
 //! to P. Records are slices of large read buffers (no per-record copy).
 use std::io::SeekFrom;
 
-use bytes::{Buf, BytesMut};
 #[cfg(test)]
 use bytes::Bytes;
+use bytes::{Buf, BytesMut};
 use tokio::fs::File;
 use tokio::io::{AsyncReadExt, AsyncSeekExt};
 use wallaroo_crds::{FileFormat, FileSource as FileSourceConfig};
@@ -158,7 +158,11 @@ async fn fill(r: &mut Reader, format: FileFormat, follow: bool, out: &mut Vec<Re
         split_records(format, &mut r.buf, &mut r.offset, r.eof && !follow, out);
         if out.len() > before || r.eof {
             if r.eof && !follow && !r.buf.is_empty() && out.len() == before {
-                tracing::warn!(offset = r.offset, bytes = r.buf.len(), "incomplete record at end of file; waiting for the rest");
+                tracing::warn!(
+                    offset = r.offset,
+                    bytes = r.buf.len(),
+                    "incomplete record at end of file; waiting for the rest"
+                );
             }
             return Ok(());
         }
@@ -181,10 +185,10 @@ mod tests {
         let mut off = 10;
         let mut out = Vec::new();
         split_records(FileFormat::Lines, &mut buf, &mut off, false, &mut out);
-        assert_eq!(out.iter().map(|r| (r.por, r.payload.clone())).collect::<Vec<_>>(), vec![
-            (12, Bytes::from_static(b"a")),
-            (16, Bytes::from_static(b"bc"))
-        ]);
+        assert_eq!(
+            out.iter().map(|r| (r.por, r.payload.clone())).collect::<Vec<_>>(),
+            vec![(12, Bytes::from_static(b"a")), (16, Bytes::from_static(b"bc"))]
+        );
         assert_eq!(&buf[..], b"d");
         split_records(FileFormat::Lines, &mut buf, &mut off, true, &mut out);
         assert_eq!(out.last().map(|r| r.por), Some(17));

@@ -62,14 +62,22 @@ impl SourceIntegration for UdpSource {
                 cmd = ctx.commands.recv() => match cmd {
                     None => return Ok(()),
                     Some(Command::Start { from, generation: g, .. }) => {
-                        generation = Some(g);
                         let after = match from { Position::Beginning => None, Position::After(p) => Some(p) };
-                        if let Some(p) = after {
+                        if generation.is_none() {
+                            // First grant in this process: the worker may remember points from an earlier run of
+                            // the sidecar, so number what arrived while waiting from just after its point.
+                            let base = after.map_or(0, |p| p.saturating_add(1));
+                            for (i, r) in unacked.iter_mut().enumerate() {
+                                r.por = base + i as u64;
+                            }
+                            next_por = base + unacked.len() as u64;
+                        } else if let Some(p) = after {
                             next_por = next_por.max(p.saturating_add(1));
                             while unacked.front().is_some_and(|r| r.por <= p) {
                                 unacked.pop_front();
                             }
                         }
+                        generation = Some(g);
                         // Everything unacknowledged is sent again, then new datagrams follow.
                         outbox = unacked.iter().cloned().collect();
                     }

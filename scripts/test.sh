@@ -1,0 +1,54 @@
+#!/usr/bin/env bash
+# Runs every test of the project on a fresh machine: installs what is missing (from crates.io, PyPI and Debian
+# only), starts the servers the tests talk to, then lints and tests everything. `.ci/run` calls this.
+set -euo pipefail
+root="$(cd "$(dirname "$0")/.." && pwd)"
+cd "$root"
+cache="${WALLAROO_CACHE:-$HOME/.cache/wallaroo-connectors}"
+mkdir -p "$cache"
+# Build outputs live outside the clone so repeated runs are incremental.
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$cache/target}"
+export PATH="$cache/tools/bin:$PATH"
+export WALLAROO_SPEC_DIR="${WALLAROO_SPEC_DIR:-$root/../shared/spec}"
+
+step() { printf '\n==> %s\n' "$*"; }
+passed=0; failed=0; failures=()
+run() {  # run NAME CMD...: counts outcomes, keeps going so one report shows every failure
+  local name="$1"; shift
+  step "$name"
+  if "$@"; then passed=$((passed + 1)); else failed=$((failed + 1)); failures+=("$name"); fi
+}
+
+step "toolchain: $(cargo --version)"
+if ! command -v cmake >/dev/null 2>&1 && grep -q rdkafka Cargo.lock 2>/dev/null; then
+  step "installing build dependencies (Debian)"
+  apt-get update -qq && apt-get install -y -qq cmake build-essential >/dev/null
+fi
+
+# Kafka-protocol broker for the Kafka tests (15 minutes cold; cached outside the clone).
+if [ -d tests/services ] && ls tests/services/kafka*.sh >/dev/null 2>&1 && ! command -v tansu >/dev/null 2>&1; then
+  step "installing tansu (Kafka-protocol broker) into $cache/tools"
+  cargo install --locked --root "$cache/tools" tansu --features dynostore
+fi
+
+step "starting services"
+for s in tests/services/*.sh; do
+  [ -e "$s" ] || continue
+  echo "-- $s"
+  bash "$s"
+done
+
+run "format" cargo fmt --all -- --check
+run "clippy" cargo clippy --workspace --all-targets -- -D warnings
+run "cargo test (unit, conformance, integrations, operator)" cargo test --workspace --no-fail-fast
+if [ -x tests/k8s/run.sh ]; then
+  run "operator: API emulator end to end, Helm chart" tests/k8s/run.sh
+fi
+run "celsius demo" ./examples/celsius/run.sh
+
+echo
+if [ "$failed" -gt 0 ]; then
+  printf 'failed step: %s\n' "${failures[@]}"
+fi
+echo "suites: $passed passed, $failed failed"
+[ "$failed" -eq 0 ]
