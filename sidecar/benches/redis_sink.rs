@@ -16,20 +16,12 @@ use wallaroo_connector::sim::{RoundOutcome, SinkSim, SinkSimConfig};
 const URL: &str = "redis://127.0.0.1:6379";
 
 fn env_or(name: &str, default: usize) -> usize {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
+    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
 }
 
 fn pairs(n: usize) -> Vec<(String, Vec<u8>)> {
     (0..n)
-        .map(|i| {
-            (
-                format!("field-{:07}", i % 200_000),
-                format!("value-{i:010}-{}", "x".repeat(16)).into_bytes(),
-            )
-        })
+        .map(|i| (format!("field-{:07}", i % 200_000), format!("value-{i:010}-{}", "x".repeat(16)).into_bytes()))
         .collect()
 }
 
@@ -63,23 +55,15 @@ async fn plain(key: &str, data: &[(String, Vec<u8>)], round: usize) -> Duration 
 }
 
 async fn sink(key: &str, data: &[(String, Vec<u8>)], round: usize) -> Duration {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
     let yaml = format!(
         "apiVersion: wallaroo.dev/v1alpha1\nkind: Connector\nmetadata: {{name: bench}}\nspec:\n  connectorName: bench\n  \
          worker: {{host: 127.0.0.1, port: {port}}}\n  sink:\n    redisHash: {{url: \"{URL}\", key: {key}}}\n"
     );
-    let connector = wallaroo_crds::parse_connectors(&yaml, "bench")
-        .unwrap()
-        .remove(0);
+    let connector = wallaroo_crds::parse_connectors(&yaml, "bench").unwrap().remove(0);
     let stop = CancellationToken::new();
-    let overrides = RunOverrides {
-        admin_addr: Some("127.0.0.1:0".parse().unwrap()),
-        drain_timeout: Some(Duration::from_secs(5)),
-    };
+    let overrides =
+        RunOverrides { admin_addr: Some("127.0.0.1:0".parse().unwrap()), drain_timeout: Some(Duration::from_secs(5)) };
     let task = tokio::spawn(run(connector, overrides, stop.clone()));
     let worker = format!("bench-{}", std::process::id());
     let addr = format!("127.0.0.1:{port}").parse().unwrap();
@@ -151,14 +135,8 @@ async fn main() {
     let median = ratios[ratios.len() / 2];
     let total = (n * reps) as f64;
     println!("messages {n} per repetition, round {round} messages, {reps} repetitions");
-    println!(
-        "plain pipelined HSET : {:>10.0} msg/s",
-        total / total_plain.as_secs_f64()
-    );
-    println!(
-        "redisHash sink (2PC) : {:>10.0} msg/s",
-        total / total_sink.as_secs_f64()
-    );
+    println!("plain pipelined HSET : {:>10.0} msg/s", total / total_plain.as_secs_f64());
+    println!("redisHash sink (2PC) : {:>10.0} msg/s", total / total_sink.as_secs_f64());
     println!(
         "ratio sink/plain     : {median:.2} (median of repetitions; overall {:.2})",
         total_plain.as_secs_f64() / total_sink.as_secs_f64()

@@ -11,9 +11,7 @@ use std::collections::HashSet;
 use std::time::Duration;
 
 use bytes::Bytes;
-use lapin::options::{
-    BasicPublishOptions, ConfirmSelectOptions, QueueDeclareOptions, QueueDeleteOptions,
-};
+use lapin::options::{BasicPublishOptions, ConfirmSelectOptions, QueueDeclareOptions, QueueDeleteOptions};
 use lapin::types::FieldTable;
 use lapin::{BasicProperties, Connection, ConnectionProperties};
 use rr_support::{Proxy, Sidecar, unique};
@@ -30,25 +28,16 @@ async fn broker() -> Connection {
 
 async fn declare(queue: &str) {
     let ch = broker().await.create_channel().await.unwrap();
-    ch.queue_declare(
-        queue.into(),
-        QueueDeclareOptions {
-            durable: true,
-            ..Default::default()
-        },
-        FieldTable::default(),
-    )
-    .await
-    .unwrap();
+    ch.queue_declare(queue.into(), QueueDeclareOptions { durable: true, ..Default::default() }, FieldTable::default())
+        .await
+        .unwrap();
 }
 
 /// Publishes `msg-<i>` for i in `from..from+n` with publisher confirms; returns the payloads.
 async fn publish(queue: &str, from: usize, n: usize) -> Vec<String> {
     let conn = broker().await;
     let ch = conn.create_channel().await.unwrap();
-    ch.confirm_select(ConfirmSelectOptions::default())
-        .await
-        .unwrap();
+    ch.confirm_select(ConfirmSelectOptions::default()).await.unwrap();
     let mut out = Vec::new();
     let mut confirms = Vec::new();
     for i in from..from + n {
@@ -78,14 +67,7 @@ async fn ready(queue: &str) -> u32 {
     let conn = broker().await;
     let ch = conn.create_channel().await.unwrap();
     let q = ch
-        .queue_declare(
-            queue.into(),
-            QueueDeclareOptions {
-                passive: true,
-                ..Default::default()
-            },
-            FieldTable::default(),
-        )
+        .queue_declare(queue.into(), QueueDeclareOptions { passive: true, ..Default::default() }, FieldTable::default())
         .await
         .unwrap();
     let _ = conn.close(200, "done".into()).await;
@@ -104,9 +86,7 @@ async fn wait_ready(queue: &str, want: u32) -> bool {
 
 async fn delete(queue: &str) {
     let ch = broker().await.create_channel().await.unwrap();
-    let _ = ch
-        .queue_delete(queue.into(), QueueDeleteOptions::default())
-        .await;
+    let _ = ch.queue_delete(queue.into(), QueueDeleteOptions::default()).await;
 }
 
 fn manifest(worker: u16, amqp_port: u16, queue: &str, prefetch: u16) -> String {
@@ -140,9 +120,7 @@ async fn sim(max_credits: u32, refill: u32) -> SourceSim {
 }
 
 fn payloads(v: &[(u64, Bytes)]) -> Vec<String> {
-    v.iter()
-        .map(|(_, p)| String::from_utf8_lossy(p).into_owned())
-        .collect()
+    v.iter().map(|(_, p)| String::from_utf8_lossy(p).into_owned()).collect()
 }
 
 fn has_all(s: &SourceSimState, name: &str, want: &[String]) -> bool {
@@ -155,11 +133,7 @@ fn assert_same(got: &[String], want: &[String]) {
     if got == want {
         return;
     }
-    let first = got
-        .iter()
-        .zip(want)
-        .position(|(a, b)| a != b)
-        .unwrap_or(got.len().min(want.len()));
+    let first = got.iter().zip(want).position(|(a, b)| a != b).unwrap_or(got.len().min(want.len()));
     let lo = first.saturating_sub(3);
     panic!(
         "got {} payloads, want {}; first difference at {first}: got {:?} want {:?}",
@@ -177,19 +151,12 @@ fn assert_covers(got: &[String], want: &[String]) {
     let want_set: HashSet<&String> = want.iter().collect();
     let missing: Vec<_> = want_set.difference(&got).take(5).collect();
     let foreign: Vec<_> = got.difference(&want_set).take(5).collect();
-    assert!(
-        missing.is_empty() && foreign.is_empty(),
-        "missing {missing:?}, foreign {foreign:?}"
-    );
+    assert!(missing.is_empty() && foreign.is_empty(), "missing {missing:?}, foreign {foreign:?}");
 }
 
 fn clean(s: &SourceSimState) {
     let st = s.stats();
-    assert_eq!(
-        (st.credit_overruns, st.second_hello, st.protocol_errors),
-        (0, 0, 0),
-        "{st:?}"
-    );
+    assert_eq!((st.credit_overruns, st.second_hello, st.protocol_errors), (0, 0, 0), "{st:?}");
 }
 
 #[tokio::test]
@@ -200,12 +167,7 @@ async fn delivers_every_message_in_order_and_acks_after_the_worker() {
     let sim = sim(500, 50).await;
     let name = format!("rabbitmq:{queue}");
     let mut sidecar = Sidecar::start(&manifest(sim.addr().port(), 5672, &queue, 1000));
-    assert!(
-        sim.wait_until(WAIT, |s| s.processed_count(&name) >= 2000)
-            .await,
-        "{}",
-        sidecar.log_text()
-    );
+    assert!(sim.wait_until(WAIT, |s| s.processed_count(&name) >= 2000).await, "{}", sidecar.log_text());
     let got = sim.processed(&name);
     assert_same(&payloads(&got), &want);
     assert!(got.windows(2).all(|w| w[0].0 < w[1].0));
@@ -214,10 +176,7 @@ async fn delivers_every_message_in_order_and_acks_after_the_worker() {
     // Give the basic.ack a moment to reach the broker, then make the broker requeue anything unacked.
     tokio::time::sleep(Duration::from_millis(300)).await;
     sidecar.kill9();
-    assert!(
-        wait_ready(&queue, 0).await,
-        "everything the worker acknowledged was acked at the broker"
-    );
+    assert!(wait_ready(&queue, 0).await, "everything the worker acknowledged was acked at the broker");
     sim.with(clean);
     delete(&queue).await;
 }
@@ -231,17 +190,11 @@ async fn acks_upstream_only_after_the_worker_acknowledged() {
     sim.stall_acks(true);
     let name = format!("rabbitmq:{queue}");
     let mut sidecar = Sidecar::start(&manifest(sim.addr().port(), 5672, &queue, 1000));
-    assert!(
-        sim.wait_until(WAIT, |s| s.processed_count(&name) >= 300)
-            .await
-    );
+    assert!(sim.wait_until(WAIT, |s| s.processed_count(&name) >= 300).await);
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(ready(&queue).await, 0, "all 300 are delivered (unacked)");
     sidecar.kill9();
-    assert!(
-        wait_ready(&queue, 300).await,
-        "nothing was acked before the worker's checkpoint: all requeued"
-    );
+    assert!(wait_ready(&queue, 300).await, "nothing was acked before the worker's checkpoint: all requeued");
     // A new sidecar gets them again; once the worker acknowledges, the broker forgets them.
     sim.stall_acks(false);
     let mut sidecar = sidecar.restart();
@@ -252,10 +205,7 @@ async fn acks_upstream_only_after_the_worker_acknowledged() {
     assert!(sim.wait_until(WAIT, |s| s.acked(&name) == Some(last)).await);
     tokio::time::sleep(Duration::from_millis(300)).await;
     sidecar.kill9();
-    assert!(
-        wait_ready(&queue, 0).await,
-        "acked at the broker after the worker's ACK"
-    );
+    assert!(wait_ready(&queue, 0).await, "acked at the broker after the worker's ACK");
     delete(&queue).await;
 }
 
@@ -267,22 +217,12 @@ async fn kill9_mid_stream_loses_nothing_and_a_clean_restart_redelivers_nothing()
     let sim = sim(50, 10).await;
     let name = format!("rabbitmq:{queue}");
     let mut sidecar = Sidecar::start(&manifest(sim.addr().port(), 5672, &queue, 2000));
-    assert!(
-        sim.wait_until(WAIT, |s| s.processed_count(&name) >= 1000)
-            .await
-    );
+    assert!(sim.wait_until(WAIT, |s| s.processed_count(&name) >= 1000).await);
     sidecar.kill9();
-    assert!(
-        sim.with(|s| s.processed_count(&name)) < 10_000,
-        "the kill should land mid-stream"
-    );
+    assert!(sim.with(|s| s.processed_count(&name)) < 10_000, "the kill should land mid-stream");
     want.extend(publish(&queue, 10_000, 500).await);
     let mut sidecar = sidecar.restart();
-    assert!(
-        sim.wait_until(WAIT, |s| has_all(s, &name, &want)).await,
-        "{}",
-        sidecar.log_text()
-    );
+    assert!(sim.wait_until(WAIT, |s| has_all(s, &name, &want)).await, "{}", sidecar.log_text());
     assert_covers(&payloads(&sim.processed(&name)), &want);
 
     // Clean restart after everything is acknowledged: nothing comes again.
@@ -294,17 +234,11 @@ async fn kill9_mid_stream_loses_nothing_and_a_clean_restart_redelivers_nothing()
     let dups = sim.stats().duplicates;
     let more = publish(&queue, 10_500, 10).await;
     let _sidecar = Sidecar::start(&manifest(sim.addr().port(), 5672, &queue, 2000));
-    assert!(
-        sim.wait_until(WAIT, |s| s.processed(&name).len() >= before + 10)
-            .await
-    );
+    assert!(sim.wait_until(WAIT, |s| s.processed(&name).len() >= before + 10).await);
     tokio::time::sleep(Duration::from_millis(500)).await;
     let got = sim.processed(&name);
     assert_same(&payloads(&got[before..]), &more);
-    assert!(
-        got[before].0 > last,
-        "points of reference continue after the worker's point"
-    );
+    assert!(got[before].0 > last, "points of reference continue after the worker's point");
     assert_eq!(sim.stats().duplicates, dups);
     sim.with(clean);
     delete(&queue).await;
@@ -318,15 +252,9 @@ async fn worker_restart_resumes_from_the_acked_point() {
     let sim = sim(100, 20).await;
     let name = format!("rabbitmq:{queue}");
     let _sidecar = Sidecar::start(&manifest(sim.addr().port(), 5672, &queue, 5000));
-    assert!(
-        sim.wait_until(WAIT, |s| s.processed_count(&name) >= 1000)
-            .await
-    );
+    assert!(sim.wait_until(WAIT, |s| s.processed_count(&name) >= 1000).await);
     sim.restart_connections();
-    assert!(
-        sim.wait_until(WAIT, |s| s.processed_count(&name) >= 5000)
-            .await
-    );
+    assert!(sim.wait_until(WAIT, |s| s.processed_count(&name) >= 5000).await);
     // A rollback undoes what the worker processed after its checkpoint; the sidecar replays exactly that.
     assert_same(&payloads(&sim.processed(&name)), &want);
     assert!(sim.stats().restarts >= 1);
@@ -343,30 +271,16 @@ async fn broker_going_away_and_coming_back_reconnects_without_crashing() {
     let sim = sim(500, 50).await;
     let name = format!("rabbitmq:{queue}");
     let mut sidecar = Sidecar::start(&manifest(sim.addr().port(), proxy.port, &queue, 1000));
-    assert!(
-        sim.wait_until(WAIT, |s| s.processed_count(&name) >= 200)
-            .await
-    );
+    assert!(sim.wait_until(WAIT, |s| s.processed_count(&name) >= 200).await);
     proxy.down().await;
     want.extend(publish(&queue, 200, 200).await);
     tokio::time::sleep(Duration::from_secs(2)).await;
-    assert!(
-        sidecar.alive(),
-        "no crash while the broker is away:\n{}",
-        sidecar.log_text()
-    );
+    assert!(sidecar.alive(), "no crash while the broker is away:\n{}", sidecar.log_text());
     proxy.up();
-    assert!(
-        sim.wait_until(WAIT, |s| has_all(s, &name, &want)).await,
-        "{}",
-        sidecar.log_text()
-    );
+    assert!(sim.wait_until(WAIT, |s| has_all(s, &name, &want)).await, "{}", sidecar.log_text());
     assert_covers(&payloads(&sim.processed(&name)), &want);
     assert!(sidecar.alive());
-    assert!(
-        sidecar.log_text().matches("rabbitmq consuming").count() >= 2,
-        "reconnected to the broker"
-    );
+    assert!(sidecar.log_text().matches("rabbitmq consuming").count() >= 2, "reconnected to the broker");
     let last = sim.processed(&name).last().unwrap().0;
     assert!(sim.wait_until(WAIT, |s| s.acked(&name) == Some(last)).await);
     tokio::time::sleep(Duration::from_millis(300)).await;

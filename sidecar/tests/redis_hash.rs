@@ -19,10 +19,7 @@ fn unique(prefix: &str) -> String {
 
 async fn redis() -> redis::aio::MultiplexedConnection {
     let client = redis::Client::open(URL).unwrap();
-    client
-        .get_multiplexed_async_connection()
-        .await
-        .expect("Redis must run on 127.0.0.1:6379 (tests/services/redis.sh)")
+    client.get_multiplexed_async_connection().await.expect("Redis must run on 127.0.0.1:6379 (tests/services/redis.sh)")
 }
 
 async fn sink(key: &str) -> RedisHashSink {
@@ -34,9 +31,7 @@ async fn sink(key: &str) -> RedisHashSink {
         key_field: None,
         value_field: None,
     };
-    RedisHashSink::connect(cfg, Health::new(), Metrics::unlabelled())
-        .await
-        .unwrap()
+    RedisHashSink::connect(cfg, Health::new(), Metrics::unlabelled()).await.unwrap()
 }
 
 fn lp(k: &str, v: &str) -> Bytes {
@@ -52,21 +47,14 @@ fn records(start: u64, pairs: &[(&str, &str)]) -> (Vec<SinkRecord>, u64) {
     let mut out = Vec::new();
     for (k, v) in pairs {
         let payload = lp(k, v);
-        out.push(SinkRecord {
-            offset: off,
-            payload: payload.clone(),
-        });
+        out.push(SinkRecord { offset: off, payload: payload.clone() });
         off += payload.len() as u64;
     }
     (out, off)
 }
 
 fn txn(id: &str, start: u64, end: u64) -> Txn {
-    Txn {
-        id: Bytes::from(id.to_string()),
-        start,
-        end,
-    }
+    Txn { id: Bytes::from(id.to_string()), start, end }
 }
 
 async fn hash(key: &str) -> HashMap<String, String> {
@@ -85,29 +73,15 @@ async fn committed_rounds_apply_once_and_aborted_rounds_never() {
     s.stage("w1", recs).await.unwrap();
     let t1 = txn("t1", 0, end1);
     s.prepare("w1", &t1).await.unwrap();
-    assert!(
-        hash(&key).await.is_empty(),
-        "nothing is visible after Phase 1"
-    );
+    assert!(hash(&key).await.is_empty(), "nothing is visible after Phase 1");
     s.commit("w1", &t1).await.unwrap();
     let h = hash(&key).await;
-    assert_eq!(
-        h.get("a").map(String::as_str),
-        Some("3"),
-        "later writes of a round win, as with plain HSETs"
-    );
+    assert_eq!(h.get("a").map(String::as_str), Some("3"), "later writes of a round win, as with plain HSETs");
     assert_eq!(h.get("b").map(String::as_str), Some("2"));
     // Phase 2 again (a retried commit after a lost reply) changes nothing.
-    redis()
-        .await
-        .hset::<_, _, _, ()>(&key, "b", "changed-by-someone-else")
-        .await
-        .unwrap();
+    redis().await.hset::<_, _, _, ()>(&key, "b", "changed-by-someone-else").await.unwrap();
     s.commit("w1", &t1).await.unwrap();
-    assert_eq!(
-        hash(&key).await.get("b").map(String::as_str),
-        Some("changed-by-someone-else")
-    );
+    assert_eq!(hash(&key).await.get("b").map(String::as_str), Some("changed-by-someone-else"));
 
     let (recs, end2) = records(end1, &[("c", "x"), ("a", "aborted")]);
     s.stage("w1", recs).await.unwrap();
@@ -153,11 +127,7 @@ async fn crash_between_phases_resolves_both_ways() {
     let s = sink(&key).await;
     let r = s.recover("w1").await.unwrap();
     assert_eq!(r.committed, Some(0));
-    assert_eq!(
-        r.pending,
-        Some(txn("t1", 0, end)),
-        "the prepared round is reported after a restart"
-    );
+    assert_eq!(r.pending, Some(txn("t1", 0, end)), "the prepared round is reported after a restart");
     s.commit("w1", &txn("t1", 0, end)).await.unwrap();
     let h = hash(&key).await;
     assert_eq!(h.len(), 2);
@@ -239,10 +209,7 @@ async fn wrong_type_at_key_votes_abort() {
     let (recs, end) = records(0, &[("a", "1")]);
     s.stage("w1", recs).await.unwrap();
     let err = s.prepare("w1", &txn("t1", 0, end)).await.unwrap_err();
-    assert!(
-        matches!(&err, SinkError::Permanent(m) if m.contains("WRONGTYPE")),
-        "{err:?}"
-    );
+    assert!(matches!(&err, SinkError::Permanent(m) if m.contains("WRONGTYPE")), "{err:?}");
     let value: String = c.get(&key).await.unwrap();
     assert_eq!(value, "not a hash");
     let _: () = c.del(&key).await.unwrap();
@@ -254,13 +221,7 @@ async fn bad_payload_is_permanent() {
     let s = sink(&key).await;
     s.recover("w1").await.unwrap();
     let err = s
-        .stage(
-            "w1",
-            vec![SinkRecord {
-                offset: 0,
-                payload: Bytes::from_static(b"\x00\x00\x00\x09ab"),
-            }],
-        )
+        .stage("w1", vec![SinkRecord { offset: 0, payload: Bytes::from_static(b"\x00\x00\x00\x09ab") }])
         .await
         .unwrap_err();
     assert!(matches!(err, SinkError::Permanent(_)), "{err:?}");

@@ -19,11 +19,7 @@ async fn redis() -> redis::aio::MultiplexedConnection {
 }
 
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
 fn manifest(port: u16, key: &str) -> String {
@@ -106,10 +102,7 @@ async fn committed_rounds_land_once_and_aborted_rounds_never() {
 
     send(&mut w, &[("a", "1"), ("b", "1")]).await;
     assert!(w.phase1().await.unwrap());
-    assert!(
-        hash(&key).await.is_empty(),
-        "nothing visible between Phase 1 and Phase 2"
-    );
+    assert!(hash(&key).await.is_empty(), "nothing visible between Phase 1 and Phase 2");
     w.phase2_commit().await.unwrap();
     send(&mut w, &[("a", "2")]).await;
     assert_eq!(w.checkpoint().await.unwrap(), RoundOutcome::Committed);
@@ -132,16 +125,10 @@ async fn committed_rounds_land_once_and_aborted_rounds_never() {
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let want: HashMap<String, String> = [("a", "2"), ("b", "1"), ("d", "4")]
-        .iter()
-        .map(|(k, v)| (k.to_string(), v.to_string()))
-        .collect();
+    let want: HashMap<String, String> =
+        [("a", "2"), ("b", "1"), ("d", "4")].iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
     assert_eq!(h, want);
-    let offset: u64 = redis()
-        .await
-        .get(format!("wallaroo:offset:{key}:w1"))
-        .await
-        .unwrap();
+    let offset: u64 = redis().await.get(format!("wallaroo:offset:{key}:w1")).await.unwrap();
     assert_eq!(offset, w.committed_offset());
     drop_keys(&key, &["w1"]).await;
 }
@@ -160,11 +147,7 @@ async fn kill9_between_phase1_and_phase2_resolves_on_restart() {
     w.complete_without_phase2();
     let mut sidecar = sidecar.restart();
     reconnect(&mut w).await;
-    assert_eq!(
-        w.resolved.last().map(|(_, commit)| *commit),
-        Some(true),
-        "committed through ListUncommitted"
-    );
+    assert_eq!(w.resolved.last().map(|(_, commit)| *commit), Some(true), "committed through ListUncommitted");
     assert_eq!(w.offset(), w.committed_offset());
 
     // Round 2 overwrites a; a replay of round 1 would show as a == 1.
@@ -194,13 +177,8 @@ async fn kill9_between_phase1_and_phase2_resolves_on_restart() {
     assert_eq!(h.get("b").map(String::as_str), Some("1"));
     assert_eq!(h.get("c"), None);
     let mut c = redis().await;
-    let leftovers: bool = c
-        .exists(&[
-            format!("wallaroo:stage:{key}:w1"),
-            format!("wallaroo:txn:{key}:w1"),
-        ])
-        .await
-        .unwrap();
+    let leftovers: bool =
+        c.exists(&[format!("wallaroo:stage:{key}:w1"), format!("wallaroo:txn:{key}:w1")]).await.unwrap();
     assert!(!leftovers);
     drop_keys(&key, &["w1"]).await;
 }
@@ -244,11 +222,7 @@ async fn two_workers_at_once() {
     }
     for name in ["wa", "wb"] {
         for round in 0..30 {
-            assert_eq!(
-                h.contains_key(&format!("{name}-{round}")),
-                round % 5 != 4,
-                "{name} round {round}"
-            );
+            assert_eq!(h.contains_key(&format!("{name}-{round}")), round % 5 != 4, "{name} round {round}");
         }
     }
     drop_keys(&key, &["wa", "wb"]).await;

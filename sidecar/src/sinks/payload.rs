@@ -15,10 +15,7 @@ pub fn split(mapping: &PayloadMapping, payload: &[u8]) -> Result<(Option<Bytes>,
         PayloadFormat::Raw => Ok((None, Bytes::copy_from_slice(payload))),
         PayloadFormat::LengthPrefixed => {
             let (k, v) = key_bounds(payload)?;
-            Ok((
-                Some(Bytes::copy_from_slice(&payload[k])),
-                Bytes::copy_from_slice(&payload[v]),
-            ))
+            Ok((Some(Bytes::copy_from_slice(&payload[k])), Bytes::copy_from_slice(&payload[v])))
         }
         PayloadFormat::Json => {
             let object = json_object(payload)?;
@@ -36,10 +33,7 @@ pub fn split(mapping: &PayloadMapping, payload: &[u8]) -> Result<(Option<Bytes>,
 }
 
 /// [`split`] without copying for `raw` and `lengthPrefixed`: key and value share the payload's buffer.
-pub fn split_bytes(
-    mapping: &PayloadMapping,
-    payload: &Bytes,
-) -> Result<(Option<Bytes>, Bytes), String> {
+pub fn split_bytes(mapping: &PayloadMapping, payload: &Bytes) -> Result<(Option<Bytes>, Bytes), String> {
     match mapping.format {
         PayloadFormat::Raw => Ok((None, payload.clone())),
         PayloadFormat::LengthPrefixed => {
@@ -53,17 +47,11 @@ pub fn split_bytes(
 /// Byte ranges of key and value in a `lengthPrefixed` payload.
 fn key_bounds(payload: &[u8]) -> Result<(std::ops::Range<usize>, std::ops::Range<usize>), String> {
     let Some(len) = payload.get(..4) else {
-        return Err(format!(
-            "lengthPrefixed payload of {} bytes has no 4-byte key length",
-            payload.len()
-        ));
+        return Err(format!("lengthPrefixed payload of {} bytes has no 4-byte key length", payload.len()));
     };
     let len = u32::from_be_bytes([len[0], len[1], len[2], len[3]]) as usize;
     if payload.len() - 4 < len {
-        return Err(format!(
-            "lengthPrefixed key length {len} exceeds the {} bytes that follow",
-            payload.len() - 4
-        ));
+        return Err(format!("lengthPrefixed key length {len} exceeds the {} bytes that follow", payload.len() - 4));
     }
     Ok((4..4 + len, 4 + len..payload.len()))
 }
@@ -72,10 +60,7 @@ fn key_bounds(payload: &[u8]) -> Result<(std::ops::Range<usize>, std::ops::Range
 pub fn json_object(payload: &[u8]) -> Result<Map<String, Value>, String> {
     match serde_json::from_slice::<Value>(payload) {
         Ok(Value::Object(m)) => Ok(m),
-        Ok(other) => Err(format!(
-            "json payload is not an object but {}",
-            kind(&other)
-        )),
+        Ok(other) => Err(format!("json payload is not an object but {}", kind(&other))),
         Err(e) => Err(format!("payload is not valid JSON: {e}")),
     }
 }
@@ -105,11 +90,7 @@ mod tests {
     use super::*;
 
     fn mapping(format: PayloadFormat, key: Option<&str>, value: Option<&str>) -> PayloadMapping {
-        PayloadMapping {
-            format,
-            key_field: key.map(String::from),
-            value_field: value.map(String::from),
-        }
+        PayloadMapping { format, key_field: key.map(String::from), value_field: value.map(String::from) }
     }
 
     fn lp(key: &[u8], value: &[u8]) -> Vec<u8> {
@@ -140,16 +121,8 @@ mod tests {
     #[test]
     fn length_prefixed_rejects_short_payloads() {
         let m = mapping(PayloadFormat::LengthPrefixed, None, None);
-        assert!(
-            split(&m, b"\x00\x00")
-                .unwrap_err()
-                .contains("no 4-byte key length")
-        );
-        assert!(
-            split(&m, b"\x00\x00\x00\x05abc")
-                .unwrap_err()
-                .contains("exceeds")
-        );
+        assert!(split(&m, b"\x00\x00").unwrap_err().contains("no 4-byte key length"));
+        assert!(split(&m, b"\x00\x00\x00\x05abc").unwrap_err().contains("exceeds"));
     }
 
     #[test]

@@ -13,11 +13,7 @@ use tokio::sync::Mutex;
 use tokio_util::sync::CancellationToken;
 
 pub fn unique(prefix: &str) -> String {
-    format!(
-        "{prefix}-{}-{:08x}",
-        std::process::id(),
-        rand::random::<u32>()
-    )
+    format!("{prefix}-{}-{:08x}", std::process::id(), rand::random::<u32>())
 }
 
 /// The sidecar binary running one manifest; killed on drop.
@@ -57,19 +53,14 @@ impl Sidecar {
 
     /// SIGTERM and wait for a clean exit.
     pub async fn terminate(&mut self) {
-        let _ = Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
-            .status();
+        let _ = Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status();
         for _ in 0..300 {
             if self.child.try_wait().unwrap().is_some() {
                 return;
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        panic!(
-            "sidecar did not exit after SIGTERM; log:\n{}",
-            self.log_text()
-        );
+        panic!("sidecar did not exit after SIGTERM; log:\n{}", self.log_text());
     }
 
     /// The same manifest again (a restarted pod).
@@ -145,12 +136,7 @@ impl Proxy {
                 });
             }
         });
-        Self {
-            port,
-            up,
-            cut,
-            stop,
-        }
+        Self { port, up, cut, stop }
     }
 
     pub async fn down(&self) {

@@ -126,25 +126,16 @@ fn transient(e: redis::RedisError) -> SinkError {
 
 /// Server replies that retrying cannot fix (a wrong key type, a script error, no permission) are permanent.
 fn classify(e: redis::RedisError) -> SinkError {
-    let permanent = matches!(e.code(), Some("WRONGTYPE" | "NOPERM" | "NOSCRIPT" | "ERR"))
-        || e.to_string().contains("WRONGTYPE");
-    if permanent {
-        SinkError::Permanent(format!("redis: {e}"))
-    } else {
-        transient(e)
-    }
+    let permanent =
+        matches!(e.code(), Some("WRONGTYPE" | "NOPERM" | "NOSCRIPT" | "ERR")) || e.to_string().contains("WRONGTYPE");
+    if permanent { SinkError::Permanent(format!("redis: {e}")) } else { transient(e) }
 }
 
 impl RedisHashSink {
     /// Opens the client and tries a first connection; an unreachable Redis is not fatal (the runtime retries).
-    pub async fn connect(
-        cfg: RedisHashSinkConfig,
-        health: Health,
-        metrics: Metrics,
-    ) -> Result<Self, SinkError> {
-        let url =
-            crate::sources::redis::resolve_url(&cfg.url, &cfg.url_from, "spec.sink.redisHash.url")
-                .map_err(SinkError::Permanent)?;
+    pub async fn connect(cfg: RedisHashSinkConfig, health: Health, metrics: Metrics) -> Result<Self, SinkError> {
+        let url = crate::sources::redis::resolve_url(&cfg.url, &cfg.url_from, "spec.sink.redisHash.url")
+            .map_err(SinkError::Permanent)?;
         let client = redis::Client::open(url.as_str())
             .map_err(|e| SinkError::Permanent(format!("spec.sink.redisHash.url: {e}")))?;
         let sink = Self {
@@ -171,11 +162,7 @@ impl RedisHashSink {
         let cfg = AsyncConnectionConfig::new()
             .set_connection_timeout(Some(Duration::from_secs(5)))
             .set_response_timeout(Some(Duration::from_secs(60)));
-        match self
-            .client
-            .get_multiplexed_async_connection_with_config(&cfg)
-            .await
-        {
+        match self.client.get_multiplexed_async_connection_with_config(&cfg).await {
             Ok(c) => {
                 self.health.set_external(true);
                 self.metrics.external_connected.set(1);
@@ -196,11 +183,7 @@ impl RedisHashSink {
 
     /// Maps an error, forgetting the connection when it is the connection that failed.
     async fn fail(&self, e: redis::RedisError) -> SinkError {
-        if e.is_io_error()
-            || e.is_connection_dropped()
-            || e.is_connection_refusal()
-            || e.is_timeout()
-        {
+        if e.is_io_error() || e.is_connection_dropped() || e.is_connection_refusal() || e.is_timeout() {
             *self.conn.lock().await = None;
             self.lost();
             self.metrics.error("connection", "sink");
@@ -227,44 +210,29 @@ impl SinkIntegration for RedisHashSink {
     async fn recover(&self, worker: &str) -> Result<Recovery, SinkError> {
         let keys = self.keys(worker);
         let mut conn = self.conn().await?;
-        let (offset, marker): (Option<u64>, (Option<String>, Option<u64>, Option<u64>)) =
-            match redis::pipe()
-                .get(&keys.offset)
-                .cmd("HMGET")
-                .arg(&keys.txn)
-                .arg(&["id", "start", "end"])
-                .query_async(&mut conn)
-                .await
-            {
-                Ok(v) => v,
-                Err(e) => return Err(self.fail(e).await),
-            };
+        let (offset, marker): (Option<u64>, (Option<String>, Option<u64>, Option<u64>)) = match redis::pipe()
+            .get(&keys.offset)
+            .cmd("HMGET")
+            .arg(&keys.txn)
+            .arg(&["id", "start", "end"])
+            .query_async(&mut conn)
+            .await
+        {
+            Ok(v) => v,
+            Err(e) => return Err(self.fail(e).await),
+        };
         let committed = offset.unwrap_or(0);
         let pending = match marker {
-            (Some(id), Some(start), Some(end)) => Some(Txn {
-                id: Bytes::from(id),
-                start,
-                end,
-            }),
+            (Some(id), Some(start), Some(end)) => Some(Txn { id: Bytes::from(id), start, end }),
             _ => None,
         };
         let end = pending.as_ref().map_or(committed, |p| p.end);
         self.rounds
             .lock()
             .map_err(|_| SinkError::Permanent("poisoned state".into()))?
-            .insert(
-                worker.to_string(),
-                Round {
-                    entries: Vec::new(),
-                    end,
-                    prepared: None,
-                },
-            );
+            .insert(worker.to_string(), Round { entries: Vec::new(), end, prepared: None });
         tracing::info!(worker, committed, pending = ?pending.as_ref().map(|t| t.id_str()), "redis hash sink recovered");
-        Ok(Recovery {
-            committed: Some(committed),
-            pending,
-        })
+        Ok(Recovery { committed: Some(committed), pending })
     }
 
     async fn stage(&self, worker: &str, records: Vec<SinkRecord>) -> Result<(), SinkError> {
@@ -274,21 +242,14 @@ impl SinkIntegration for RedisHashSink {
         // Parse first (no lock held), so a bad payload fails the whole call before anything is kept.
         let mut parsed = Vec::with_capacity(records.len());
         for r in &records {
-            let (k, v) = payload::split_bytes(&self.mapping, &r.payload).map_err(|e| {
-                SinkError::Permanent(format!("message at offset {}: {e}", r.offset))
-            })?;
+            let (k, v) = payload::split_bytes(&self.mapping, &r.payload)
+                .map_err(|e| SinkError::Permanent(format!("message at offset {}: {e}", r.offset)))?;
             let k = k.ok_or_else(|| {
-                SinkError::Permanent(
-                    "the payload format gives no key: use lengthPrefixed or json with keyField"
-                        .into(),
-                )
+                SinkError::Permanent("the payload format gives no key: use lengthPrefixed or json with keyField".into())
             })?;
             parsed.push((r.offset, r.offset + r.payload.len() as u64, k, v));
         }
-        let mut rounds = self
-            .rounds
-            .lock()
-            .map_err(|_| SinkError::Permanent("poisoned state".into()))?;
+        let mut rounds = self.rounds.lock().map_err(|_| SinkError::Permanent("poisoned state".into()))?;
         let round = rounds.get_mut(worker).ok_or_else(|| unknown(worker))?;
         if first != round.end {
             // Leftovers of a round aborted without our abort being called: keep only what precedes `first`.
@@ -305,10 +266,7 @@ impl SinkIntegration for RedisHashSink {
         let started = Instant::now();
         let keys = self.keys(worker);
         let entries: Vec<(Bytes, Bytes)> = {
-            let rounds = self
-                .rounds
-                .lock()
-                .map_err(|_| SinkError::Permanent("poisoned state".into()))?;
+            let rounds = self.rounds.lock().map_err(|_| SinkError::Permanent("poisoned state".into()))?;
             let round = rounds.get(worker).ok_or_else(|| unknown(worker))?;
             if round.end != txn.end {
                 return Err(SinkError::Permanent(format!(
@@ -316,28 +274,16 @@ impl SinkIntegration for RedisHashSink {
                     round.end, txn.end
                 )));
             }
-            round
-                .entries
-                .iter()
-                .filter(|(o, _, _)| *o >= txn.start)
-                .map(|(_, k, v)| (k.clone(), v.clone()))
-                .collect()
+            round.entries.iter().filter(|(o, _, _)| *o >= txn.start).map(|(_, k, v)| (k.clone(), v.clone())).collect()
         };
         let mut conn = self.conn().await?;
         // A target that is not a hash would fail Phase 2: refuse now so the worker aborts instead.
-        let kind: String = match redis::cmd("TYPE")
-            .arg(&keys.target)
-            .query_async(&mut conn)
-            .await
-        {
+        let kind: String = match redis::cmd("TYPE").arg(&keys.target).query_async(&mut conn).await {
             Ok(k) => k,
             Err(e) => return Err(self.fail(e).await),
         };
         if kind != "hash" && kind != "none" {
-            return Err(SinkError::Permanent(format!(
-                "WRONGTYPE: key {:?} holds a {kind}, not a hash",
-                keys.target
-            )));
+            return Err(SinkError::Permanent(format!("WRONGTYPE: key {:?} holds a {kind}, not a hash", keys.target)));
         }
         // Staging and marker in one MULTI/EXEC: both exist or neither.
         let mut pipe = redis::pipe();
@@ -348,11 +294,7 @@ impl SinkIntegration for RedisHashSink {
             .ignore()
             .hset_multiple(
                 &keys.txn,
-                &[
-                    ("id", txn.id_str()),
-                    ("start", txn.start.to_string()),
-                    ("end", txn.end.to_string()),
-                ],
+                &[("id", txn.id_str()), ("start", txn.start.to_string()), ("end", txn.end.to_string())],
             )
             .ignore();
         if let Err(e) = pipe.query_async::<()>(&mut conn).await {
@@ -396,10 +338,7 @@ impl SinkIntegration for RedisHashSink {
             Err(e) => return Err(self.fail(e).await),
         };
         if r < 0 {
-            return Err(SinkError::Permanent(format!(
-                "nothing prepared for transaction {}",
-                txn.id_str()
-            )));
+            return Err(SinkError::Permanent(format!("nothing prepared for transaction {}", txn.id_str())));
         }
         if let Ok(mut rounds) = self.rounds.lock()
             && let Some(round) = rounds.get_mut(worker)
@@ -413,12 +352,7 @@ impl SinkIntegration for RedisHashSink {
     async fn abort(&self, worker: &str, txn: &Txn) -> Result<(), SinkError> {
         let keys = self.keys(worker);
         let mut conn = self.conn().await?;
-        if let Err(e) = redis::cmd("DEL")
-            .arg(&keys.stage)
-            .arg(&keys.txn)
-            .query_async::<Value>(&mut conn)
-            .await
-        {
+        if let Err(e) = redis::cmd("DEL").arg(&keys.stage).arg(&keys.txn).query_async::<Value>(&mut conn).await {
             return Err(self.fail(e).await);
         }
         if let Ok(mut rounds) = self.rounds.lock()
@@ -434,12 +368,8 @@ impl SinkIntegration for RedisHashSink {
     async fn forget(&self, worker: &str) -> Result<(), SinkError> {
         let keys = self.keys(worker);
         let mut conn = self.conn().await?;
-        if let Err(e) = redis::cmd("DEL")
-            .arg(&keys.stage)
-            .arg(&keys.txn)
-            .arg(&keys.offset)
-            .query_async::<Value>(&mut conn)
-            .await
+        if let Err(e) =
+            redis::cmd("DEL").arg(&keys.stage).arg(&keys.txn).arg(&keys.offset).query_async::<Value>(&mut conn).await
         {
             return Err(self.fail(e).await);
         }

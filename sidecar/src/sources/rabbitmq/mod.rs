@@ -16,8 +16,8 @@ use std::time::Duration;
 use bytes::Bytes;
 use futures::StreamExt;
 use lapin::options::{
-    BasicAckOptions, BasicConsumeOptions, BasicQosOptions, ExchangeDeclareOptions,
-    QueueBindOptions, QueueDeclareOptions,
+    BasicAckOptions, BasicConsumeOptions, BasicQosOptions, ExchangeDeclareOptions, QueueBindOptions,
+    QueueDeclareOptions,
 };
 use lapin::types::FieldTable;
 use lapin::{Channel, Connection, ConnectionProperties, Consumer, ExchangeKind};
@@ -68,11 +68,7 @@ struct Ledger {
 
 impl Ledger {
     fn push(&mut self, epoch: u64, tag: u64, key: Option<Bytes>, payload: Bytes) {
-        let record = Record {
-            por: self.next_por,
-            key,
-            payload,
-        };
+        let record = Record { por: self.next_por, key, payload };
         self.next_por += 1;
         self.unacked.push_back(Pending { epoch, tag, record });
     }
@@ -94,20 +90,14 @@ impl Ledger {
     /// Removes everything through `through`; returns the delivery tag to ack (multiple) on channel `epoch`.
     fn durable(&mut self, through: u64, epoch: u64) -> Option<u64> {
         let mut tag = None;
-        while self
-            .unacked
-            .front()
-            .is_some_and(|d| d.record.por <= through)
-        {
+        while self.unacked.front().is_some_and(|d| d.record.por <= through) {
             if let Some(d) = self.unacked.pop_front()
                 && d.epoch == epoch
             {
                 tag = Some(d.tag);
             }
         }
-        self.next_send = self
-            .next_send
-            .max(through.saturating_add(1).min(self.next_por));
+        self.next_send = self.next_send.max(through.saturating_add(1).min(self.next_por));
         tag
     }
 
@@ -118,22 +108,12 @@ impl Ledger {
     }
 
     fn has_sendable(&self) -> bool {
-        self.generation.is_some()
-            && self
-                .unacked
-                .back()
-                .is_some_and(|d| d.record.por >= self.next_send)
+        self.generation.is_some() && self.unacked.back().is_some_and(|d| d.record.por >= self.next_send)
     }
 
     fn sendable(&self) -> Vec<Record> {
-        let from = self
-            .unacked
-            .partition_point(|d| d.record.por < self.next_send);
-        self.unacked
-            .range(from..)
-            .take(BATCH)
-            .map(|d| d.record.clone())
-            .collect()
+        let from = self.unacked.partition_point(|d| d.record.por < self.next_send);
+        self.unacked.range(from..).take(BATCH).map(|d| d.record.clone()).collect()
     }
 }
 
@@ -148,22 +128,12 @@ async fn connect(url: &str, cfg: &RabbitmqSourceConfig) -> lapin::Result<Link> {
             "direct" => ExchangeKind::Direct,
             other => ExchangeKind::Custom(other.to_string()),
         };
-        let opts = ExchangeDeclareOptions {
-            durable: true,
-            ..Default::default()
-        };
-        channel
-            .exchange_declare(exchange.as_str().into(), kind, opts, FieldTable::default())
-            .await?;
+        let opts = ExchangeDeclareOptions { durable: true, ..Default::default() };
+        channel.exchange_declare(exchange.as_str().into(), kind, opts, FieldTable::default()).await?;
     }
     if cfg.declare_queue || cfg.exchange.is_some() {
-        let opts = QueueDeclareOptions {
-            durable: true,
-            ..Default::default()
-        };
-        channel
-            .queue_declare(cfg.queue.as_str().into(), opts, FieldTable::default())
-            .await?;
+        let opts = QueueDeclareOptions { durable: true, ..Default::default() };
+        channel.queue_declare(cfg.queue.as_str().into(), opts, FieldTable::default()).await?;
     }
     if let Some(exchange) = &cfg.exchange {
         let key = cfg.routing_key.clone().unwrap_or_default();
@@ -177,28 +147,16 @@ async fn connect(url: &str, cfg: &RabbitmqSourceConfig) -> lapin::Result<Link> {
             )
             .await?;
     }
-    channel
-        .basic_qos(
-            cfg.prefetch.unwrap_or(1000),
-            BasicQosOptions { global: false },
-        )
-        .await?;
+    channel.basic_qos(cfg.prefetch.unwrap_or(1000), BasicQosOptions { global: false }).await?;
     let consumer = channel
         .basic_consume(
             cfg.queue.as_str().into(),
             "wallaroo-connector".into(),
-            BasicConsumeOptions {
-                no_ack: false,
-                ..Default::default()
-            },
+            BasicConsumeOptions { no_ack: false, ..Default::default() },
             FieldTable::default(),
         )
         .await?;
-    Ok(Link {
-        conn,
-        channel,
-        consumer,
-    })
+    Ok(Link { conn, channel, consumer })
 }
 
 async fn next_delivery(link: &mut Option<Link>) -> Option<lapin::Result<lapin::message::Delivery>> {
@@ -212,14 +170,10 @@ async fn next_delivery(link: &mut Option<Link>) -> Option<lapin::Result<lapin::m
 impl SourceIntegration for RabbitmqSource {
     async fn run(self: Box<Self>, mut ctx: SourceContext) -> Result<(), SourceError> {
         let cfg = self.cfg;
-        let url = resolve_url(&cfg.url, &cfg.url_from, "spec.source.rabbitmq.url")
-            .map_err(SourceError::Config)?;
+        let url = resolve_url(&cfg.url, &cfg.url_from, "spec.source.rabbitmq.url").map_err(SourceError::Config)?;
         let name = format!("rabbitmq:{}", cfg.queue);
         let stream = stream_id_for(name.as_bytes());
-        ctx.emit
-            .send(Emit::Stream { name })
-            .await
-            .map_err(|_| SourceError::RuntimeGone)?;
+        ctx.emit.send(Emit::Stream { name }).await.map_err(|_| SourceError::RuntimeGone)?;
         let capacity = usize::from(cfg.prefetch.unwrap_or(1000)).max(1);
 
         let mut ledger = Ledger::default();
@@ -332,11 +286,7 @@ fn lost(
     if let Some(l) = link.take() {
         // Closing in the background: the old connection may hang on a dead socket.
         tokio::spawn(async move {
-            let _ = tokio::time::timeout(
-                Duration::from_secs(2),
-                l.conn.close(200, "reconnect".into()),
-            )
-            .await;
+            let _ = tokio::time::timeout(Duration::from_secs(2), l.conn.close(200, "reconnect".into())).await;
         });
     }
     *retry_at = Instant::now() + *delay;
@@ -368,11 +318,7 @@ mod tests {
         l.push(1, 2, None, Bytes::from("b")); // por 1
         l.push(2, 1, None, Bytes::from("c")); // por 2, new channel: tags restart
         l.push(2, 2, None, Bytes::from("d")); // por 3
-        assert_eq!(
-            l.durable(0, 2),
-            None,
-            "por 0 is on a dead channel: nothing to ack"
-        );
+        assert_eq!(l.durable(0, 2), None, "por 0 is on a dead channel: nothing to ack");
         assert_eq!(l.durable(2, 2), Some(1));
         assert_eq!(l.unacked.len(), 1);
         assert_eq!(l.durable(10, 2), Some(2));

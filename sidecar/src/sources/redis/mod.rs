@@ -29,8 +29,8 @@ impl RedisSource {
 #[async_trait::async_trait]
 impl SourceIntegration for RedisSource {
     async fn run(self: Box<Self>, ctx: SourceContext) -> Result<(), SourceError> {
-        let url = resolve_url(&self.cfg.url, &self.cfg.url_from, "spec.source.redis.url")
-            .map_err(SourceError::Config)?;
+        let url =
+            resolve_url(&self.cfg.url, &self.cfg.url_from, "spec.source.redis.url").map_err(SourceError::Config)?;
         let client = redis::Client::open(url.as_str())
             .map_err(|e| SourceError::Config(format!("spec.source.redis.url: {e}")))?;
         let result = match self.cfg.mode {
@@ -46,15 +46,9 @@ impl SourceIntegration for RedisSource {
 }
 
 /// The URL from the inline field or the secret it names (validation guarantees exactly one is set).
-pub fn resolve_url(
-    inline: &Option<String>,
-    from: &Option<SecretValue>,
-    field: &str,
-) -> Result<String, String> {
+pub fn resolve_url(inline: &Option<String>, from: &Option<SecretValue>, field: &str) -> Result<String, String> {
     match (inline, from) {
-        (_, Some(s)) => s
-            .resolve(&format!("{field}From"))
-            .map_err(|e| e.to_string()),
+        (_, Some(s)) => s.resolve(&format!("{field}From")).map_err(|e| e.to_string()),
         (Some(u), None) => Ok(u.clone()),
         (None, None) => Err(format!("{field}: set url or urlFrom")),
     }
@@ -75,9 +69,7 @@ pub(crate) struct Backoff {
 
 impl Backoff {
     pub fn new() -> Self {
-        Self {
-            next: Duration::from_millis(100),
-        }
+        Self { next: Duration::from_millis(100) }
     }
     pub fn reset(&mut self) {
         self.next = Duration::from_millis(100);

@@ -14,9 +14,7 @@ use tokio_util::sync::CancellationToken;
 use wallaroo_crds::RedisSource as RedisSourceConfig;
 
 use super::Backoff;
-use crate::runtime::source_api::{
-    Command, Emit, Position, Record, SourceContext, SourceError, stream_id_for,
-};
+use crate::runtime::source_api::{Command, Emit, Position, Record, SourceContext, SourceError, stream_id_for};
 use crate::runtime::{Health, Metrics};
 
 const BATCH: usize = 1024;
@@ -66,11 +64,7 @@ impl StreamState {
     }
 }
 
-pub async fn run(
-    cfg: RedisSourceConfig,
-    client: redis::Client,
-    mut ctx: SourceContext,
-) -> Result<(), SourceError> {
+pub async fn run(cfg: RedisSourceConfig, client: redis::Client, mut ctx: SourceContext) -> Result<(), SourceError> {
     let capacity = cfg.buffer.unwrap_or(65536).max(1) as usize;
     let mut streams: HashMap<u64, StreamState> = HashMap::new();
     let mut by_subscription: HashMap<String, u64> = HashMap::new();
@@ -79,10 +73,7 @@ pub async fn run(
         let id = stream_id_for(name.as_bytes());
         streams.insert(id, StreamState::default());
         by_subscription.insert(ch.clone(), id);
-        ctx.emit
-            .send(Emit::Stream { name })
-            .await
-            .map_err(|_| SourceError::RuntimeGone)?;
+        ctx.emit.send(Emit::Stream { name }).await.map_err(|_| SourceError::RuntimeGone)?;
     }
 
     let (tx, mut rx) = mpsc::channel::<Incoming>(CHANNEL_CAPACITY);
@@ -98,10 +89,7 @@ pub async fn run(
     let _stop_subscriber = stop.clone().drop_guard();
 
     loop {
-        let ready = streams
-            .iter()
-            .find(|(_, s)| s.has_sendable())
-            .map(|(id, _)| *id);
+        let ready = streams.iter().find(|(_, s)| s.has_sendable()).map(|(id, _)| *id);
         tokio::select! {
             biased;
             _ = ctx.shutdown.cancelled() => {
@@ -219,9 +207,7 @@ async fn subscribe_loop(
                         r = tx.send(incoming) => if r.is_err() { return },
                     }
                 }
-                tracing::warn!(
-                    "redis pubsub connection lost; messages published until reconnect are lost"
-                );
+                tracing::warn!("redis pubsub connection lost; messages published until reconnect are lost");
             }
             Err(e) => tracing::warn!(error = %e, "redis pubsub: cannot subscribe"),
         }
@@ -236,16 +222,10 @@ async fn subscribe_loop(
     }
 }
 
-async fn subscribe(
-    client: &redis::Client,
-    subscriptions: &[String],
-) -> redis::RedisResult<redis::aio::PubSub> {
-    let mut pubsub =
-        tokio::time::timeout(std::time::Duration::from_secs(5), client.get_async_pubsub())
-            .await
-            .map_err(|_| {
-                redis::RedisError::from(std::io::Error::from(std::io::ErrorKind::TimedOut))
-            })??;
+async fn subscribe(client: &redis::Client, subscriptions: &[String]) -> redis::RedisResult<redis::aio::PubSub> {
+    let mut pubsub = tokio::time::timeout(std::time::Duration::from_secs(5), client.get_async_pubsub())
+        .await
+        .map_err(|_| redis::RedisError::from(std::io::Error::from(std::io::ErrorKind::TimedOut)))??;
     for s in subscriptions {
         if is_pattern(s) {
             pubsub.psubscribe(s).await?;
@@ -261,11 +241,7 @@ mod tests {
     use super::*;
 
     fn rec(por: u64) -> Record {
-        Record {
-            por,
-            key: None,
-            payload: Bytes::from(por.to_string()),
-        }
+        Record { por, key: None, payload: Bytes::from(por.to_string()) }
     }
 
     #[test]
@@ -278,10 +254,7 @@ mod tests {
 
     #[test]
     fn sendable_starts_at_next_send_and_is_bounded() {
-        let mut s = StreamState {
-            generation: Some(1),
-            ..Default::default()
-        };
+        let mut s = StreamState { generation: Some(1), ..Default::default() };
         for p in 0..(BATCH as u64 + 10) {
             s.unacked.push_back(rec(p));
         }

@@ -25,9 +25,7 @@ use wallaroo_crds::RedisSource as RedisSourceConfig;
 
 use super::por::EntryId;
 use super::{Backoff, connection_config};
-use crate::runtime::source_api::{
-    Command, Emit, Position, Record, SourceContext, SourceError, stream_id_for,
-};
+use crate::runtime::source_api::{Command, Emit, Position, Record, SourceContext, SourceError, stream_id_for};
 
 /// Entries per XREADGROUP.
 const COUNT: usize = 1000;
@@ -90,17 +88,11 @@ struct State {
 impl State {
     /// Where to resume reading this consumer's PEL without repeating what this generation already got.
     fn floor(&self) -> EntryId {
-        self.last_emitted
-            .or(self.skip_through)
-            .unwrap_or(EntryId { ms: 0, seq: 0 })
+        self.last_emitted.or(self.skip_through).unwrap_or(EntryId { ms: 0, seq: 0 })
     }
 }
 
-pub async fn run(
-    cfg: RedisSourceConfig,
-    client: redis::Client,
-    mut ctx: SourceContext,
-) -> Result<(), SourceError> {
+pub async fn run(cfg: RedisSourceConfig, client: redis::Client, mut ctx: SourceContext) -> Result<(), SourceError> {
     let settings = Settings {
         key: cfg.stream.clone().unwrap_or_default(),
         group: cfg.group.clone().unwrap_or_default(),
@@ -110,10 +102,7 @@ pub async fn run(
     };
     let name = format!("redis:{}", settings.key);
     let stream = stream_id_for(name.as_bytes());
-    ctx.emit
-        .send(Emit::Stream { name })
-        .await
-        .map_err(|_| SourceError::RuntimeGone)?;
+    ctx.emit.send(Emit::Stream { name }).await.map_err(|_| SourceError::RuntimeGone)?;
     tracing::info!(key = %settings.key, group = %settings.group, consumer = %settings.consumer, "redis stream source");
 
     let mut st = State {
@@ -137,15 +126,7 @@ pub async fn run(
             && !st.to_ack.is_empty()
             && let Err(e) = xack(&mut c.ctl, &settings, &mut st.to_ack).await
         {
-            disconnected(
-                &ctx,
-                &mut conns,
-                &mut read,
-                &mut st,
-                &mut retry_at,
-                &mut backoff,
-                &e,
-            );
+            disconnected(&ctx, &mut conns, &mut read, &mut st, &mut retry_at, &mut backoff, &e);
         }
         if conns.is_some()
             && read.is_none()
@@ -165,15 +146,7 @@ pub async fn run(
                         st.next_claim = Some(Instant::now() + settings.claim_min_idle);
                     }
                     Err(e) => {
-                        disconnected(
-                            &ctx,
-                            &mut conns,
-                            &mut read,
-                            &mut st,
-                            &mut retry_at,
-                            &mut backoff,
-                            &e,
-                        );
+                        disconnected(&ctx, &mut conns, &mut read, &mut st, &mut retry_at, &mut backoff, &e);
                         continue;
                     }
                 }
@@ -298,12 +271,8 @@ fn disconnected(
 
 async fn connect(client: &redis::Client, s: &Settings) -> redis::RedisResult<Conns> {
     let cfg = connection_config();
-    let read = client
-        .get_multiplexed_async_connection_with_config(&cfg)
-        .await?;
-    let mut ctl = client
-        .get_multiplexed_async_connection_with_config(&cfg)
-        .await?;
+    let read = client.get_multiplexed_async_connection_with_config(&cfg).await?;
+    let mut ctl = client.get_multiplexed_async_connection_with_config(&cfg).await?;
     let created: redis::RedisResult<Value> = redis::cmd("XGROUP")
         .arg("CREATE")
         .arg(&s.key)
@@ -320,25 +289,12 @@ async fn connect(client: &redis::Client, s: &Settings) -> redis::RedisResult<Con
     Ok(Conns { read, ctl })
 }
 
-fn start_read(
-    mut conn: MultiplexedConnection,
-    s: &Settings,
-    epoch: u64,
-    cursor: Cursor,
-) -> ReadFuture {
+fn start_read(mut conn: MultiplexedConnection, s: &Settings, epoch: u64, cursor: Cursor) -> ReadFuture {
     let mut cmd = redis::cmd("XREADGROUP");
-    cmd.arg("GROUP")
-        .arg(&s.group)
-        .arg(&s.consumer)
-        .arg("COUNT")
-        .arg(COUNT);
+    cmd.arg("GROUP").arg(&s.group).arg(&s.consumer).arg("COUNT").arg(COUNT);
     match cursor {
         Cursor::New => {
-            cmd.arg("BLOCK")
-                .arg(BLOCK_MS)
-                .arg("STREAMS")
-                .arg(&s.key)
-                .arg(">");
+            cmd.arg("BLOCK").arg(BLOCK_MS).arg("STREAMS").arg(&s.key).arg(">");
         }
         Cursor::Pending(id) => {
             cmd.arg("STREAMS").arg(&s.key).arg(id.to_string());
@@ -365,10 +321,8 @@ fn accept(
     }
     let mut last = None;
     for e in entries {
-        let id = EntryId::parse(&e.id).map_err(|err| SourceError::External {
-            system: "redis",
-            message: err.to_string(),
-        })?;
+        let id =
+            EntryId::parse(&e.id).map_err(|err| SourceError::External { system: "redis", message: err.to_string() })?;
         last = Some(id);
         if st.skip_through.is_some_and(|t| id <= t) {
             // Durable in the worker already; a crash lost the XACK.
@@ -378,10 +332,7 @@ fn accept(
         if st.last_emitted.is_some_and(|l| id <= l) {
             continue;
         }
-        let por = id.to_por().map_err(|err| SourceError::External {
-            system: "redis",
-            message: err.to_string(),
-        })?;
+        let por = id.to_por().map_err(|err| SourceError::External { system: "redis", message: err.to_string() })?;
         let Some(fields) = e.fields else {
             tracing::warn!(id = %e.id, "pending entry was deleted from the stream; acknowledging it");
             ctx.metrics.error("entry_deleted", "source");
@@ -401,11 +352,7 @@ fn accept(
         ctx.metrics.bytes_total.inc_by(payload.len() as u64);
         st.last_emitted = Some(id);
         st.unacked.push_back((por, e.id.clone()));
-        st.outbox.push(Record {
-            por,
-            key: Some(Bytes::from(e.id)),
-            payload,
-        });
+        st.outbox.push(Record { por, key: Some(Bytes::from(e.id)), payload });
     }
     if let (Cursor::Pending(_), Some(l)) = (cursor, last) {
         st.cursor = Cursor::Pending(l);
@@ -428,16 +375,9 @@ pub fn payload_of(fields: &[(Bytes, Bytes)], payload_field: Option<&str>) -> Res
     }
     let object: BTreeMap<String, String> = fields
         .iter()
-        .map(|(k, v)| {
-            (
-                String::from_utf8_lossy(k).into_owned(),
-                String::from_utf8_lossy(v).into_owned(),
-            )
-        })
+        .map(|(k, v)| (String::from_utf8_lossy(k).into_owned(), String::from_utf8_lossy(v).into_owned()))
         .collect();
-    serde_json::to_vec(&object)
-        .map(Bytes::from)
-        .map_err(|e| e.to_string())
+    serde_json::to_vec(&object).map(Bytes::from).map_err(|e| e.to_string())
 }
 
 fn bytes_of(v: &Value) -> Option<Bytes> {
@@ -453,10 +393,7 @@ fn parse_entry(v: &Value) -> Result<Entry, String> {
     let Value::Array(parts) = v else {
         return Err(format!("entry is not an array: {v:?}"));
     };
-    let id = parts
-        .first()
-        .and_then(bytes_of)
-        .ok_or_else(|| format!("entry without id: {v:?}"))?;
+    let id = parts.first().and_then(bytes_of).ok_or_else(|| format!("entry without id: {v:?}"))?;
     let id = String::from_utf8_lossy(&id).into_owned();
     let fields = match parts.get(1) {
         None | Some(Value::Nil) => None,
@@ -510,30 +447,17 @@ pub fn parse_read_reply(v: Value) -> Result<Vec<Entry>, String> {
     }
 }
 
-async fn xack(
-    conn: &mut MultiplexedConnection,
-    s: &Settings,
-    ids: &mut Vec<String>,
-) -> redis::RedisResult<()> {
+async fn xack(conn: &mut MultiplexedConnection, s: &Settings, ids: &mut Vec<String>) -> redis::RedisResult<()> {
     while !ids.is_empty() {
         let n = ids.len().min(ACK_CHUNK);
-        let _: Value = redis::cmd("XACK")
-            .arg(&s.key)
-            .arg(&s.group)
-            .arg(&ids[..n])
-            .query_async(conn)
-            .await?;
+        let _: Value = redis::cmd("XACK").arg(&s.key).arg(&s.group).arg(&ids[..n]).query_async(conn).await?;
         ids.drain(..n);
     }
     Ok(())
 }
 
 /// Claims idle entries of other consumers with ids from `start` on; returns how many were claimed.
-async fn claim(
-    conn: &mut MultiplexedConnection,
-    s: &Settings,
-    start: EntryId,
-) -> redis::RedisResult<usize> {
+async fn claim(conn: &mut MultiplexedConnection, s: &Settings, start: EntryId) -> redis::RedisResult<usize> {
     let mut next = start.to_string();
     let mut claimed = 0;
     // Bounded: at most 100 pages per round, the next round continues.
@@ -552,10 +476,7 @@ async fn claim(
         let Value::Array(parts) = reply else {
             return Err(parse_error(format!("XAUTOCLAIM reply {reply:?}")));
         };
-        let cursor = parts
-            .first()
-            .and_then(bytes_of)
-            .map(|b| String::from_utf8_lossy(&b).into_owned());
+        let cursor = parts.first().and_then(bytes_of).map(|b| String::from_utf8_lossy(&b).into_owned());
         if let Some(Value::Array(ids)) = parts.get(1) {
             claimed += ids.len();
         }
@@ -587,10 +508,7 @@ mod tests {
         let e = parse_read_reply(v).unwrap();
         assert_eq!(e.len(), 2);
         assert_eq!(e[0].id, "1-0");
-        assert_eq!(
-            e[0].fields.as_ref().unwrap()[0],
-            (Bytes::from("f"), Bytes::from("v"))
-        );
+        assert_eq!(e[0].fields.as_ref().unwrap()[0], (Bytes::from("f"), Bytes::from("v")));
         assert_eq!(e[1].fields, None);
         assert!(parse_read_reply(Value::Nil).unwrap().is_empty());
         assert!(parse_read_reply(Value::Int(3)).is_err());
@@ -600,14 +518,8 @@ mod tests {
     fn payload_rules() {
         let one = vec![(Bytes::from("data"), Bytes::from("\x00x"))];
         assert_eq!(payload_of(&one, None).unwrap(), Bytes::from("\x00x"));
-        let two = vec![
-            (Bytes::from("b"), Bytes::from("2")),
-            (Bytes::from("a"), Bytes::from("1")),
-        ];
-        assert_eq!(
-            payload_of(&two, None).unwrap(),
-            Bytes::from(r#"{"a":"1","b":"2"}"#)
-        );
+        let two = vec![(Bytes::from("b"), Bytes::from("2")), (Bytes::from("a"), Bytes::from("1"))];
+        assert_eq!(payload_of(&two, None).unwrap(), Bytes::from(r#"{"a":"1","b":"2"}"#));
         assert_eq!(payload_of(&two, Some("b")).unwrap(), Bytes::from("2"));
         assert!(payload_of(&two, Some("c")).unwrap_err().contains("\"c\""));
     }
