@@ -175,7 +175,10 @@ fn check_source(c: &mut Check, s: &SourceSpec) {
             c.fail("spec.source.rabbitmq.exchangeType", "must be one of direct, fanout, topic, headers");
         }
         if r.exchange.is_none() && (r.exchange_type.is_some() || r.routing_key.is_some()) {
-            c.fail("spec.source.rabbitmq.exchange", "exchangeType and routingKey need the exchange to bind the queue to");
+            c.fail(
+                "spec.source.rabbitmq.exchange",
+                "exchangeType and routingKey need the exchange to bind the queue to",
+            );
         }
     }
     if let Some(r) = &s.redis {
