@@ -210,6 +210,17 @@ pub struct RedisSource {
     /// Consumer name within the group (default: the pod name).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub consumer: Option<String>,
+    /// Mode stream: the entry field sent as the payload. Default: the value of an entry's only field, or a
+    /// JSON object of all fields when an entry has several.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub payload_field: Option<String>,
+    /// Mode stream: entries pending this long (ms) at another consumer are claimed with XAUTOCLAIM (default 60000).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub claim_min_idle_ms: Option<u64>,
+    /// Mode pubsub: messages kept per channel until the worker acknowledges them, for replay after a worker
+    /// reconnect; the oldest are dropped beyond this (default 65536).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub buffer: Option<u32>,
 }
 
 #[derive(Deserialize, Serialize, Clone, Debug, JsonSchema, PartialEq)]

@@ -190,6 +190,17 @@ fn check_source(c: &mut Check, s: &SourceSpec) {
         if r.prefetch == Some(0) {
             c.fail("spec.source.rabbitmq.prefetch", "must be at least 1 (0 would mean unlimited)");
         }
+        if let Some(t) = &r.exchange_type
+            && !["direct", "fanout", "topic", "headers"].contains(&t.as_str())
+        {
+            c.fail("spec.source.rabbitmq.exchangeType", "must be one of direct, fanout, topic, headers");
+        }
+        if r.exchange.is_none() && (r.exchange_type.is_some() || r.routing_key.is_some()) {
+            c.fail(
+                "spec.source.rabbitmq.exchange",
+                "exchangeType and routingKey need the exchange to bind the queue to",
+            );
+        }
     }
     if let Some(r) = &s.redis {
         c.one_of_inline("spec.source.redis.url", &r.url, &r.url_from, "redis://127.0.0.1:6379");
@@ -206,6 +217,9 @@ fn check_source(c: &mut Check, s: &SourceSpec) {
                 }
             }
             _ => {}
+        }
+        if r.buffer == Some(0) {
+            c.fail("spec.source.redis.buffer", "must be at least 1");
         }
     }
     if let Some(p) = &s.postgres {

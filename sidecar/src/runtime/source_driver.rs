@@ -144,6 +144,9 @@ impl SourceDriver {
                 self.metrics.reconnects_total.with_label_values(&["worker"]).inc();
             }
             first = false;
+            if let Some(e) = self.integration_failed().await {
+                break Err(e);
+            }
             // Disconnected during shutdown with nothing waiting for an ack: records still unsent were never acked,
             // so upstream replays them next time; nothing is lost by leaving now.
             if shutdown.is_cancelled() && self.session.unacked_streams() == 0 {
@@ -213,6 +216,19 @@ impl SourceDriver {
             }
         }
         result
+    }
+
+    /// Returns the integration's error once its task ended with one (the sidecar then exits non-zero instead
+    /// of idling with a dead stream).
+    async fn integration_failed(&mut self) -> Option<DriverError> {
+        if !self.task.as_ref().is_some_and(|t| t.is_finished()) {
+            return None;
+        }
+        match self.task.take()?.await {
+            Ok(Ok(())) | Ok(Err(SourceError::RuntimeGone)) => None,
+            Ok(Err(e)) => Some(DriverError::Integration(e)),
+            Err(e) => Some(DriverError::Join(e.to_string())),
+        }
     }
 
     /// Sleeps for the current backoff (doubling it, capped, with jitter); true if shutdown ended the wait.
@@ -321,6 +337,12 @@ impl SourceDriver {
                 self.health.set_stopping();
                 drain_deadline = self.drain_deadline(shutdown);
                 tracing::info!("shutdown: intake stopped, draining");
+            }
+            if !self.emit_open
+                && let Some(e) = self.integration_failed().await
+            {
+                let _ = wr.shutdown().await;
+                return Err(e);
             }
             let can_take =
                 self.session.is_streaming() && self.pending.is_none() && self.emit_open && !shutdown.is_cancelled();

@@ -12,6 +12,7 @@ pub mod kafka;
 pub mod kinesis;
 pub mod payload;
 pub mod postgres;
+pub mod redis_hash;
 pub mod s3;
 pub mod udp;
 
@@ -28,6 +29,9 @@ pub async fn build(spec: &SinkSpec, health: Health, metrics: Metrics) -> Result<
     }
     if let Some(c) = &spec.postgres {
         return Ok(Arc::new(postgres::PostgresSink::connect(c.clone(), health, metrics).await?));
+    }
+    if let Some(c) = &spec.redis_hash {
+        return Ok(Arc::new(redis_hash::RedisHashSink::connect(c.clone(), health, metrics.clone()).await?));
     }
     if let Some(c) = &spec.s3 {
         return Ok(Arc::new(s3::S3Sink::connect(c.clone(), health).await?));

@@ -8,6 +8,8 @@ pub mod file;
 pub mod kafka;
 pub mod kinesis;
 pub mod postgres;
+pub mod rabbitmq;
+pub mod redis;
 pub mod udp;
 
 /// The integration for the (validated) source spec.
@@ -26,6 +28,12 @@ pub fn build(spec: &SourceSpec) -> Result<Box<dyn SourceIntegration>, SourceErro
     }
     if let Some(c) = &spec.postgres {
         return Ok(Box::new(postgres::PostgresSource::new(c.clone())));
+    }
+    if let Some(c) = &spec.rabbitmq {
+        return Ok(Box::new(rabbitmq::RabbitmqSource::new(c.clone())));
+    }
+    if let Some(c) = &spec.redis {
+        return Ok(Box::new(redis::RedisSource::new(c.clone())));
     }
     Err(SourceError::Config(format!("spec.source: kind {:?} is not available in this build", spec.kind_names())))
 }
