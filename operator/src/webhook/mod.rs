@@ -135,9 +135,7 @@ impl Webhook {
         }
         let patch = match (serde_json::to_value(pod), serde_json::to_value(&mutated)) {
             (Ok(before), Ok(after)) => json_patch::diff(&before, &after),
-            (Err(e), _) | (_, Err(e)) => {
-                return (response.deny(500, format!("cannot encode pod: {e}")), Outcome::Error);
-            }
+            (Err(e), _) | (_, Err(e)) => return (response.deny(500, format!("cannot encode pod: {e}")), Outcome::Error),
         };
         let response = match serde_json::to_vec(&patch) {
             Ok(p) => response.patch(&p),
