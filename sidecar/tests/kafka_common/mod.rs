@@ -203,7 +203,7 @@ pub async fn wait_port(port: u16) {
 /// A TCP proxy standing in for the broker's network presence: stopping it drops every client connection and
 /// refuses new ones, exactly what clients see of a stopped broker, while the broker keeps its data. (Restarting
 /// the in-memory test broker itself would also delete its topics; tansu 0.6 then answers fetches with a null
-/// topic name and a zero topic id, which crashes librdkafka 2.12's metadata cache, see docs/kafka-source.md.)
+/// topic name and a zero topic id, which crashes librdkafka 2.12's metadata cache, see the README section "Kafka source".)
 pub struct Proxy {
     stop: tokio_util::sync::CancellationToken,
     task: tokio::task::JoinHandle<()>,

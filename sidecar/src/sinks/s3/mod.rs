@@ -12,7 +12,7 @@
 //! - `recover`: reads the offsets object and the manifest back from S3, so a restarted sidecar (new pod, no
 //!   local disk) resolves an in-doubt round with the worker.
 //!
-//! See `docs/s3-sink.md` for the guarantee stated precisely.
+//! See the README section "S3 sink" for the guarantee stated precisely.
 use std::collections::HashMap;
 use std::sync::Arc;
 

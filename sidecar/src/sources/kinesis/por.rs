@@ -13,7 +13,7 @@
 //! reference from there, and skip every record whose point is `<= p`. Starting 1 ms early absorbs the rounding of
 //! the timestamp parameter and never changes the points of the records of `ms(p)`. Within one process a map from
 //! unacknowledged points of reference to sequence numbers turns a resume into an exact
-//! `AFTER_SEQUENCE_NUMBER` instead (see `docs/kinesis-source.md` for the limits).
+//! `AFTER_SEQUENCE_NUMBER` instead (see the README section "Kinesis source" for the limits).
 use std::cmp::Ordering;
 
 pub const INDEX_BITS: u32 = 16;

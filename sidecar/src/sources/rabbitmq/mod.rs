@@ -1,5 +1,5 @@
 //! `source.rabbitmq`: consume one queue with manual acknowledgements, at-least-once. One stream named
-//! `rabbitmq:<queue>`. See `docs/rabbitmq-source.md`.
+//! `rabbitmq:<queue>`. See the README section "RabbitMQ source".
 //!
 //! Points of reference are a counter kept by the sidecar, mapped in order to (channel epoch, delivery tag).
 //! Delivery tags restart at 1 on every new channel, so they cannot be the point of reference themselves; the

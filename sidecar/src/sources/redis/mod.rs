@@ -1,5 +1,5 @@
 //! `source.redis`: Redis pub/sub channels (at-most-once across sidecar crashes) or a Redis Streams consumer
-//! group (at-least-once). See `docs/redis-source.md`.
+//! group (at-least-once). See the README section "Redis source".
 //!
 //! - [`pubsub`]: one stream per channel or pattern, point of reference = a counter, a bounded in-memory buffer
 //!   of unacknowledged messages for replay after a worker reconnect.
