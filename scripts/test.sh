@@ -20,9 +20,14 @@ run() {  # run NAME CMD...: counts outcomes, keeps going so one report shows eve
 }
 
 step "toolchain: $(cargo --version)"
-if ! command -v cmake >/dev/null 2>&1 && grep -q rdkafka Cargo.lock 2>/dev/null; then
-  step "installing build dependencies (Debian)"
-  apt-get update -qq && apt-get install -y -qq cmake build-essential >/dev/null
+# C toolchain and headers for the bundled librdkafka and the TLS stacks (Debian packages).
+missing=()
+for pkg in build-essential pkg-config libssl-dev zlib1g-dev; do
+  dpkg -s "$pkg" >/dev/null 2>&1 || missing+=("$pkg")
+done
+if [ "${#missing[@]}" -gt 0 ]; then
+  step "installing Debian packages: ${missing[*]}"
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
 fi
 
 # Kafka-protocol broker for the Kafka tests (15 minutes cold; cached outside the clone).
