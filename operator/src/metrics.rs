@@ -71,7 +71,14 @@ impl Metrics {
         registry.register(Box::new(admission_duration_seconds.clone()))?;
         registry.register(Box::new(injected_sidecars_total.clone()))?;
         registry.register(Box::new(rollouts_total.clone()))?;
-        for o in [Outcome::Injected, Outcome::Unchanged, Outcome::NoMatch, Outcome::Ignored, Outcome::Invalid, Outcome::Error] {
+        for o in [
+            Outcome::Injected,
+            Outcome::Unchanged,
+            Outcome::NoMatch,
+            Outcome::Ignored,
+            Outcome::Invalid,
+            Outcome::Error,
+        ] {
             admission_requests_total.with_label_values(&[o.as_str()]);
         }
         Ok(Self {

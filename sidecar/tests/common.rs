@@ -36,3 +36,31 @@ pub fn write_lines(path: &Path, n: usize) -> Vec<String> {
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
+
+pub fn payloads(v: &[(u64, bytes::Bytes)]) -> Vec<String> {
+    v.iter().map(|(_, p)| String::from_utf8_lossy(p).into_owned()).collect()
+}
+
+/// Compares payload lists and reports a readable difference (lists are long).
+#[track_caller]
+pub fn assert_same(got: &[String], want: &[String]) {
+    if got == want {
+        return;
+    }
+    let first = got.iter().zip(want).position(|(a, b)| a != b).unwrap_or(got.len().min(want.len()));
+    let lo = first.saturating_sub(3);
+    panic!(
+        "got {} payloads, want {}; first difference at {first}: got {:?} want {:?}",
+        got.len(),
+        want.len(),
+        &got[lo..(first + 5).min(got.len())],
+        &want[lo..(first + 5).min(want.len())]
+    );
+}
+
+/// The connector broke no protocol rule the simulated worker checks.
+#[track_caller]
+pub fn clean(s: &wallaroo_connector::sim::SourceSimState) {
+    let st = s.stats();
+    assert_eq!((st.credit_overruns, st.second_hello, st.protocol_errors), (0, 0, 0), "{st:?}");
+}

@@ -5,12 +5,14 @@
 //! that cuts the sidecar's connection and refuses new ones, so the shared broker is never stopped.
 //! Unacknowledged deliveries are counted without the management plugin: once the consuming sidecar is gone
 //! the broker requeues them, and a passive `queue.declare` reports the ready message count.
+mod common;
 mod rr_support;
+
+use common::{assert_same, clean, payloads};
 
 use std::collections::HashSet;
 use std::time::Duration;
 
-use bytes::Bytes;
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions, QueueDeclareOptions, QueueDeleteOptions};
 use lapin::types::FieldTable;
 use lapin::{BasicProperties, Connection, ConnectionProperties};
@@ -119,29 +121,9 @@ async fn sim(max_credits: u32, refill: u32) -> SourceSim {
     .unwrap()
 }
 
-fn payloads(v: &[(u64, Bytes)]) -> Vec<String> {
-    v.iter().map(|(_, p)| String::from_utf8_lossy(p).into_owned()).collect()
-}
-
 fn has_all(s: &SourceSimState, name: &str, want: &[String]) -> bool {
     let got: HashSet<String> = payloads(&s.processed(name)).into_iter().collect();
     want.iter().all(|w| got.contains(w))
-}
-
-#[track_caller]
-fn assert_same(got: &[String], want: &[String]) {
-    if got == want {
-        return;
-    }
-    let first = got.iter().zip(want).position(|(a, b)| a != b).unwrap_or(got.len().min(want.len()));
-    let lo = first.saturating_sub(3);
-    panic!(
-        "got {} payloads, want {}; first difference at {first}: got {:?} want {:?}",
-        got.len(),
-        want.len(),
-        &got[lo..(first + 5).min(got.len())],
-        &want[lo..(first + 5).min(want.len())]
-    );
 }
 
 /// At-least-once: every payload present, nothing foreign.
@@ -152,11 +134,6 @@ fn assert_covers(got: &[String], want: &[String]) {
     let missing: Vec<_> = want_set.difference(&got).take(5).collect();
     let foreign: Vec<_> = got.difference(&want_set).take(5).collect();
     assert!(missing.is_empty() && foreign.is_empty(), "missing {missing:?}, foreign {foreign:?}");
-}
-
-fn clean(s: &SourceSimState) {
-    let st = s.stats();
-    assert_eq!((st.credit_overruns, st.second_hello, st.protocol_errors), (0, 0, 0), "{st:?}");
 }
 
 #[tokio::test]

@@ -1,13 +1,16 @@
 //! `source.redis` (modes stream and pubsub) against the Redis on 127.0.0.1:6379 (tests/services/redis.sh)
 //! and the simulated worker, with the sidecar binary as a child process so it can be killed with SIGKILL.
+mod common;
 mod rr_support;
+
+use common::{assert_same, clean, payloads};
 
 use std::time::Duration;
 
 use bytes::Bytes;
 use redis::AsyncCommands;
 use rr_support::{Proxy, Sidecar, unique};
-use wallaroo_connector::sim::{SourceSim, SourceSimConfig, SourceSimState};
+use wallaroo_connector::sim::{SourceSim, SourceSimConfig};
 
 const WAIT: Duration = Duration::from_secs(60);
 
@@ -100,27 +103,6 @@ async fn wait_pending(key: &str, group: &str, want: i64) -> bool {
     false
 }
 
-fn payloads(v: &[(u64, Bytes)]) -> Vec<String> {
-    v.iter().map(|(_, p)| String::from_utf8_lossy(p).into_owned()).collect()
-}
-
-/// Compares payload lists and reports a readable difference (lists are long).
-#[track_caller]
-fn assert_same(got: &[String], want: &[String]) {
-    if got == want {
-        return;
-    }
-    let first = got.iter().zip(want).position(|(a, b)| a != b).unwrap_or(got.len().min(want.len()));
-    let lo = first.saturating_sub(3);
-    panic!(
-        "got {} payloads, want {}; first difference at {first}: got {:?} want {:?}",
-        got.len(),
-        want.len(),
-        &got[lo..(first + 5).min(got.len())],
-        &want[lo..(first + 5).min(want.len())]
-    );
-}
-
 /// After a connection loss the worker resumes from its last checkpoint, so messages processed after it come
 /// again (the protocol's at-least-once). Checks: nothing foreign, nothing missing, first occurrences in
 /// order, and a redelivered entry carries the same point of reference as the first time.
@@ -139,11 +121,6 @@ fn assert_at_least_once(got: &[(u64, Bytes)], want: &[String]) {
         }
     }
     assert_same(&first, want);
-}
-
-fn clean(s: &SourceSimState) {
-    let st = s.stats();
-    assert_eq!((st.credit_overruns, st.second_hello, st.protocol_errors), (0, 0, 0), "{st:?}");
 }
 
 async fn cleanup(key: &str) {

@@ -5,7 +5,7 @@ mod common;
 use std::time::Duration;
 
 use common::*;
-use wallaroo_connector::sim::{SourceSim, SourceSimConfig, SourceSimState};
+use wallaroo_connector::sim::{SourceSim, SourceSimConfig};
 
 fn manifest(port: u16, path: &str, stream: &str) -> String {
     format!(
@@ -20,17 +20,6 @@ spec:
     file: {{path: "{path}", streamName: "{stream}"}}
 "#
     )
-}
-
-fn payloads(v: &[(u64, bytes::Bytes)]) -> Vec<String> {
-    v.iter().map(|(_, p)| String::from_utf8_lossy(p).into_owned()).collect()
-}
-
-fn clean(s: &SourceSimState) {
-    let st = s.stats();
-    assert_eq!(st.credit_overruns, 0, "credit overrun: {st:?}");
-    assert_eq!(st.second_hello, 0, "second HELLO: {st:?}");
-    assert_eq!(st.protocol_errors, 0, "protocol errors: {st:?}");
 }
 
 async fn sim(max: u32, refill: u32, every_ms: Option<u64>) -> SourceSim {

@@ -36,7 +36,9 @@ pub async fn owner(
     namespace: &str,
     pod_owners: Option<&Vec<OwnerReference>>,
 ) -> Result<Option<Workload>, kube::Error> {
-    let Some(o) = controller_of(pod_owners) else { return Ok(None) };
+    let Some(o) = controller_of(pod_owners) else {
+        return Ok(None);
+    };
     if !o.api_version.starts_with("apps/") {
         return Ok(None);
     }

@@ -44,7 +44,12 @@ pub fn build(c: &Connector, o: &Observed, now: &str) -> ConnectorStatus {
     } else if o.matched == 0 {
         cond(INJECTED, false, "NoMatchingPods", "no pod labelled wallaroo.dev/inject=true matches spec.selector".into())
     } else if o.injected == o.matched {
-        cond(INJECTED, true, "AllPodsInjected", format!("{} of {} matching pods run the current spec", o.injected, o.matched))
+        cond(
+            INJECTED,
+            true,
+            "AllPodsInjected",
+            format!("{} of {} matching pods run the current spec", o.injected, o.matched),
+        )
     } else if o.outdated > 0 && !o.rollout_disabled {
         let m = format!("{} of {} matching pods run the current spec; rolling out", o.injected, o.matched);
         cond(INJECTED, false, "RolloutInProgress", m)
@@ -121,7 +126,13 @@ mod tests {
 
     #[test]
     fn invalid_spec_wins_over_everything() {
-        let o = Observed { problems: vec!["spec.worker.port: required".into()], has_selector: true, matched: 1, injected: 1, ..Observed::default() };
+        let o = Observed {
+            problems: vec!["spec.worker.port: required".into()],
+            has_selector: true,
+            matched: 1,
+            injected: 1,
+            ..Observed::default()
+        };
         let s = build(&connector(), &o, "t");
         assert_eq!(get(&s, READY).reason, "InvalidSpec");
         assert!(get(&s, READY).message.contains("spec.worker.port"));

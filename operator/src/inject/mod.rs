@@ -169,8 +169,8 @@ pub fn inject_pod(
             out.skipped.push((name, format!("the pod already has a container named {cname}")));
             continue;
         }
-        let sidecar =
-            container::sidecar(c, namespace, cfg).map_err(|source| InjectError::Encode { name: name.clone(), source })?;
+        let sidecar = container::sidecar(c, namespace, cfg)
+            .map_err(|source| InjectError::Encode { name: name.clone(), source })?;
         place(spec, sidecar, cfg.native_sidecars);
         drain = drain.max(c.spec.drain_timeout_seconds.map_or(DEFAULT_DRAIN_SECONDS, i64::from));
         out.injected.insert(name, c.spec.spec_hash());

@@ -86,8 +86,12 @@ pub fn inject_documents(
                 let outcome = inject_pod(&mut meta, &mut spec, &namespace, &ours, cfg)
                     .map_err(|source| OfflineError::Inject { doc, source })?;
                 if outcome.changed {
-                    write_back(slot, &meta, &spec)
-                        .map_err(|source| OfflineError::Template { doc, kind: kind.clone(), name: name.clone(), source })?;
+                    write_back(slot, &meta, &spec).map_err(|source| OfflineError::Template {
+                        doc,
+                        kind: kind.clone(),
+                        name: name.clone(),
+                        source,
+                    })?;
                 }
                 report.outcome = Some(outcome);
             }

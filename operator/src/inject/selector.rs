@@ -17,7 +17,9 @@ pub fn check_selector(sel: &LabelSelector) -> Result<(), SelectorError> {
         let fail = |message: &str| Err(SelectorError { index, message: message.to_string() });
         match e.operator.as_str() {
             "In" | "NotIn" if n == 0 => return fail("operator In/NotIn needs at least one value"),
-            "Exists" | "DoesNotExist" if n > 0 => return fail("operator Exists/DoesNotExist takes no values"),
+            "Exists" | "DoesNotExist" if n > 0 => {
+                return fail("operator Exists/DoesNotExist takes no values");
+            }
             "In" | "NotIn" | "Exists" | "DoesNotExist" => {}
             other => {
                 return Err(SelectorError {

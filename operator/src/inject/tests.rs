@@ -145,7 +145,8 @@ fn connectors_that_stop_matching_are_removed_on_reinvocation() {
     let mut pod: Pod = serde_yaml::from_str(&read("plain-pod.yaml")).expect("pod");
     let connectors = test_connectors();
     run(&mut pod, &connectors, true);
-    let only_out: Vec<Connector> = connectors.into_iter().filter(|c| c.metadata.name.as_deref() == Some("celsius-out")).collect();
+    let only_out: Vec<Connector> =
+        connectors.into_iter().filter(|c| c.metadata.name.as_deref() == Some("celsius-out")).collect();
     let out = run(&mut pod, &only_out, true);
     assert_eq!(out.removed, ["celsius-feed"]);
     let spec = pod.spec.as_ref().expect("spec");
@@ -157,7 +158,8 @@ fn connectors_that_stop_matching_are_removed_on_reinvocation() {
 fn secrets_are_references_never_values() {
     let (pod, _) = golden("init-and-sidecar-pod", true);
     let spec = pod.spec.as_ref().expect("spec");
-    let kafka = spec.init_containers.iter().flatten().find(|c| c.name.starts_with("orders-kafka")).expect("kafka sidecar");
+    let kafka =
+        spec.init_containers.iter().flatten().find(|c| c.name.starts_with("orders-kafka")).expect("kafka sidecar");
     let env = kafka.env.as_ref().expect("env");
     let secret = env.iter().find(|e| e.name == "WALLAROO_SECRET_KAFKA_CREDS__PASSWORD").expect("secret env");
     assert!(secret.value.is_none());

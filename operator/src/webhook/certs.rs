@@ -187,7 +187,9 @@ mod tests {
             .verify_server_cert(&key.cert[0], &[], &server_name, &[], rustls_pki_types::UnixTime::now())
             .expect("leaf verifies against the CA");
         let wrong = rustls_pki_types::ServerName::try_from("other.ns.svc").expect("name");
-        assert!(verifier.verify_server_cert(&key.cert[0], &[], &wrong, &[], rustls_pki_types::UnixTime::now()).is_err());
+        assert!(
+            verifier.verify_server_cert(&key.cert[0], &[], &wrong, &[], rustls_pki_types::UnixTime::now()).is_err()
+        );
         assert!(leaf.not_after > jiff::Timestamp::now() + jiff::SignedDuration::from_hours(24 * 364));
     }
 

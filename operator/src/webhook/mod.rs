@@ -135,11 +135,15 @@ impl Webhook {
         }
         let patch = match (serde_json::to_value(pod), serde_json::to_value(&mutated)) {
             (Ok(before), Ok(after)) => json_patch::diff(&before, &after),
-            (Err(e), _) | (_, Err(e)) => return (response.deny(500, format!("cannot encode pod: {e}")), Outcome::Error),
+            (Err(e), _) | (_, Err(e)) => {
+                return (response.deny(500, format!("cannot encode pod: {e}")), Outcome::Error);
+            }
         };
         let response = match serde_json::to_vec(&patch) {
             Ok(p) => response.patch(&p),
-            Err(e) => return (response.deny(500, format!("cannot encode patch: {e}")), Outcome::Error),
+            Err(e) => {
+                return (response.deny(500, format!("cannot encode patch: {e}")), Outcome::Error);
+            }
         };
         if !req.dry_run {
             self.metrics.injected_sidecars_total.inc_by(outcome.injected.len() as u64);
@@ -152,7 +156,9 @@ impl Webhook {
     fn publish(&self, available: &[Arc<Connector>], outcome: &crate::inject::InjectOutcome, pod: &str) {
         let Some(tx) = &self.events else { return };
         for c in available {
-            let Some(name) = c.metadata.name.as_deref() else { continue };
+            let Some(name) = c.metadata.name.as_deref() else {
+                continue;
+            };
             let warning = outcome.skipped.iter().find(|(n, _)| n == name).map(|(_, why)| why.clone());
             if !outcome.injected.contains_key(name) && warning.is_none() {
                 continue;

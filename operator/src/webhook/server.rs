@@ -37,7 +37,9 @@ async fn handle(webhook: Arc<Webhook>, req: Request<Incoming>) -> Result<Respons
         (&Method::POST, "/mutate") => {
             let body = match Limited::new(req.into_body(), MAX_BODY).collect().await {
                 Ok(b) => b.to_bytes(),
-                Err(e) => return Ok(reply(StatusCode::PAYLOAD_TOO_LARGE, format!("cannot read body: {e}"), false)),
+                Err(e) => {
+                    return Ok(reply(StatusCode::PAYLOAD_TOO_LARGE, format!("cannot read body: {e}"), false));
+                }
             };
             Ok(match webhook.review(&body) {
                 Ok(out) => reply(StatusCode::OK, out, true),

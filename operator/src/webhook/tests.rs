@@ -115,10 +115,13 @@ async fn create_gets_a_json_patch_that_adds_both_sidecars() {
     assert_eq!(resp["response"]["patchType"], "JSONPatch");
     let mut patched = pod.clone();
     json_patch::patch(&mut patched, &decode_patch(&resp)).expect("patch applies to the original pod");
-    let init: Vec<&str> = patched["spec"]["initContainers"].as_array().expect("init").iter().filter_map(|c| c["name"].as_str()).collect();
+    let init: Vec<&str> =
+        patched["spec"]["initContainers"].as_array().expect("init").iter().filter_map(|c| c["name"].as_str()).collect();
     assert_eq!(init, ["celsius-feed", "celsius-out"]);
     assert_eq!(patched["spec"]["containers"][0]["volumeMounts"], pod["spec"]["containers"][0]["volumeMounts"]);
-    let ann: Value = serde_json::from_str(patched["metadata"]["annotations"]["wallaroo.dev/injected"].as_str().expect("ann")).expect("json");
+    let ann: Value =
+        serde_json::from_str(patched["metadata"]["annotations"]["wallaroo.dev/injected"].as_str().expect("ann"))
+            .expect("json");
     assert_eq!(ann.as_object().map(|o| o.len()), Some(2));
 
     // Re-invocation (reinvocationPolicy: IfNeeded) on the already mutated pod changes nothing.

@@ -155,7 +155,9 @@ fn secret_for(material: &Material, cfg: &SelfManaged, base: Option<&Secret>) -> 
     ann.insert(CA_NOT_AFTER.into(), material.ca.not_after.to_string());
     ann.insert(TLS_NOT_AFTER.into(), material.leaf.not_after.to_string());
     ann.insert(DNS_NAMES.into(), cfg.dns_names.join(","));
-    meta.labels.get_or_insert_default().insert("app.kubernetes.io/managed-by".into(), "wallaroo-connector-operator".into());
+    meta.labels
+        .get_or_insert_default()
+        .insert("app.kubernetes.io/managed-by".into(), "wallaroo-connector-operator".into());
     Secret { metadata: meta, data: Some(data), type_: Some("kubernetes.io/tls".into()), ..Secret::default() }
 }
 
@@ -216,7 +218,12 @@ async fn patch_ca_bundle(client: &Client, name: &str, bundle: &[u8]) -> Result<(
 }
 
 /// Runs [`ensure`] until `shutdown`: quickly while failing (start-up, conflicts), then every `check_every`.
-pub async fn run_self_managed(client: Client, cfg: SelfManaged, certs: Arc<ReloadableCert>, shutdown: CancellationToken) {
+pub async fn run_self_managed(
+    client: Client,
+    cfg: SelfManaged,
+    certs: Arc<ReloadableCert>,
+    shutdown: CancellationToken,
+) {
     let mut retry = Duration::from_millis(500);
     loop {
         let wait = match ensure(&client, &cfg, &certs).await {

@@ -74,7 +74,11 @@ fn corrupt_secret_is_replaced() {
 #[tokio::test]
 async fn file_source_reloads_changed_files() {
     let dir = tempfile::tempdir().expect("tmp");
-    let src = FileSource { cert: dir.path().join("tls.crt"), key: dir.path().join("tls.key"), poll_every: Duration::from_millis(20) };
+    let src = FileSource {
+        cert: dir.path().join("tls.crt"),
+        key: dir.path().join("tls.key"),
+        poll_every: Duration::from_millis(20),
+    };
     let ca = certs::generate_ca(10).expect("ca");
     let a = certs::issue(&ca.key, &["a".into()], 1).expect("a");
     std::fs::write(&src.cert, &a.cert).expect("write");

@@ -1,0 +1,3 @@
+pub mod inject;
+pub mod run;
+pub mod sidecar;

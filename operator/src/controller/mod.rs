@@ -1,0 +1,164 @@
+//! The Connector controller (kube-runtime): watches Connectors and the metadata of opted-in pods, and reconciles.
+pub mod leader;
+mod reconcile;
+pub mod rollout;
+pub mod status;
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::StreamExt;
+use k8s_openapi::api::core::v1::Pod;
+use kube::api::ObjectMeta;
+use kube::core::PartialObjectMeta;
+use kube::runtime::controller::{Action, Config as ControllerConfig, Controller};
+use kube::runtime::events::Recorder;
+use kube::runtime::reflector::{ObjectRef, Store};
+use kube::runtime::{WatchStreamExt, reflector, watcher};
+use kube::{Api, Client, ResourceExt};
+use wallaroo_crds::Connector;
+
+use crate::inject::names::{INJECT_LABEL, INJECTED_ANNOTATION};
+use crate::inject::{injected_annotation, matching};
+use crate::metrics::Metrics;
+
+pub use reconcile::{FINALIZER, REMOVED, reconcile};
+
+pub struct Context {
+    pub client: Client,
+    /// Metadata of pods labelled for injection; labels and annotations are all the controller reads.
+    pub pods: Store<PartialObjectMeta<Pod>>,
+    pub recorder: Recorder,
+    pub metrics: Metrics,
+    /// `None` watches every namespace.
+    pub namespaces: Option<BTreeSet<String>>,
+    /// Check that referenced Secrets and keys exist (needs `get` on Secrets).
+    pub validate_secrets: bool,
+}
+
+impl Context {
+    pub fn watches(&self, ns: &str) -> bool {
+        self.namespaces.as_ref().is_none_or(|set| set.contains(ns))
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("Kubernetes API: {0}")]
+    Kube(#[source] kube::Error),
+    #[error("finalizer: {0}")]
+    Finalizer(#[source] Box<kube::runtime::finalizer::Error<Error>>),
+    #[error("Connector has no namespace")]
+    NoNamespace,
+}
+
+impl Error {
+    /// Bounded label value for `reconcile_errors_total{reason}`.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Error::Kube(kube::Error::Api(s)) if s.code == 409 => "conflict",
+            Error::Kube(kube::Error::Api(s)) if s.code == 403 => "forbidden",
+            Error::Kube(kube::Error::Api(s)) if s.code == 404 => "not_found",
+            Error::Kube(kube::Error::Api(_)) => "api_error",
+            Error::Kube(_) => "api_unreachable",
+            Error::Finalizer(inner) => match inner.as_ref() {
+                kube::runtime::finalizer::Error::ApplyFailed(e) | kube::runtime::finalizer::Error::CleanupFailed(e) => {
+                    e.reason()
+                }
+                _ => "finalizer",
+            },
+            Error::NoNamespace => "invalid_object",
+        }
+    }
+}
+
+pub fn error_policy(c: Arc<Connector>, err: &Error, ctx: Arc<Context>) -> Action {
+    let reason = err.reason();
+    ctx.metrics.reconcile_errors_total.with_label_values(&[reason]).inc();
+    tracing::warn!(connector = c.name_any(), namespace = c.namespace(), reason, error = %err, "reconcile failed");
+    // Conflicts resolve on the next read; anything else gets a little more room.
+    Action::requeue(if reason == "conflict" { Duration::from_millis(200) } else { Duration::from_secs(10) })
+}
+
+/// Connectors a pod event concerns: those whose selector matches it now, and those it already runs.
+pub fn connectors_for_pod(store: &Store<Connector>, pod: &PartialObjectMeta<Pod>) -> Vec<ObjectRef<Connector>> {
+    let Some(ns) = pod.metadata.namespace.as_deref() else {
+        return Vec::new();
+    };
+    let in_ns: Vec<Arc<Connector>> =
+        store.state().into_iter().filter(|c| c.metadata.namespace.as_deref() == Some(ns)).collect();
+    let mut names: BTreeSet<String> =
+        matching(&pod.metadata, in_ns.iter().map(Arc::as_ref)).into_iter().map(|c| c.name_any()).collect();
+    names.extend(injected_annotation(&pod.metadata).into_keys());
+    names.into_iter().map(|n| ObjectRef::new(&n).within(ns)).collect()
+}
+
+/// Drops what the controller never reads from cached pod metadata: managedFields and every annotation but the
+/// injection record (`kubectl apply` alone can add kilobytes per object).
+pub fn slim_pod_metadata(m: &mut ObjectMeta) {
+    m.managed_fields = None;
+    if let Some(a) = m.annotations.as_mut() {
+        a.retain(|k, _| k == INJECTED_ANNOTATION);
+    }
+    if m.annotations.as_ref().is_some_and(|a| a.is_empty()) {
+        m.annotations = None;
+    }
+}
+
+/// Drops managedFields and annotations from cached Connectors; neither injection nor reconciliation reads them, and
+/// `kubectl apply` stores the whole object again in an annotation.
+pub fn slim_connector_metadata(m: &mut ObjectMeta) {
+    m.managed_fields = None;
+    m.annotations = None;
+}
+
+/// An API handle for one namespace when exactly one is watched, else cluster-wide.
+pub fn scoped<K>(client: &Client, namespaces: &Option<BTreeSet<String>>) -> Api<K>
+where
+    K: kube::Resource<Scope = k8s_openapi::NamespaceResourceScope>,
+    <K as kube::Resource>::DynamicType: Default,
+{
+    match namespaces.as_ref().filter(|s| s.len() == 1).and_then(|s| s.iter().next()) {
+        Some(ns) => Api::namespaced(client.clone(), ns),
+        None => Api::all(client.clone()),
+    }
+}
+
+/// Runs the controller until `shutdown` resolves.
+pub async fn run(
+    ctx: Arc<Context>,
+    pod_writer: reflector::store::Writer<PartialObjectMeta<Pod>>,
+    shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
+) {
+    let connectors: Api<Connector> = scoped(&ctx.client, &ctx.namespaces);
+    let pods: Api<PartialObjectMeta<Pod>> = scoped(&ctx.client, &ctx.namespaces);
+    let pod_cfg = watcher::Config::default().labels(&format!("{INJECT_LABEL}=true"));
+    let pod_events = watcher(pods, pod_cfg)
+        .default_backoff()
+        .modify(|p: &mut PartialObjectMeta<Pod>| slim_pod_metadata(&mut p.metadata))
+        .reflect(pod_writer)
+        .touched_objects();
+    let (reader, writer) = reflector::store();
+    let connector_events = watcher(connectors, watcher::Config::default().any_semantic())
+        .default_backoff()
+        .modify(|c: &mut Connector| slim_connector_metadata(&mut c.metadata))
+        .reflect(writer)
+        .applied_objects();
+    let controller = Controller::for_stream(connector_events, reader)
+        .with_config(ControllerConfig::default().debounce(Duration::from_millis(500)).concurrency(8));
+    let store = controller.store();
+    controller
+        .watches_stream(pod_events, move |pod| connectors_for_pod(&store, &pod))
+        .graceful_shutdown_on(shutdown)
+        .run(reconcile, error_policy, ctx)
+        .for_each(|res| async move {
+            if let Err(e) = res {
+                tracing::debug!(error = %e, "controller event");
+            }
+        })
+        .await;
+}
+
+#[cfg(test)]
+mod tests;

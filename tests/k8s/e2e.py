@@ -1,0 +1,225 @@
+#!/usr/bin/env python3
+"""The operator binary end to end against the in-memory API emulator (test tooling; see emulator.py).
+
+Covers: self-managed webhook TLS (Secret, caBundle, rotation without restart), injection over HTTPS exactly as the
+API server calls it, status and conditions, rollouts on spec change, finalizer-driven rollout on deletion, Events,
+metrics, leader election with hand-over on SIGTERM, and graceful shutdown.
+"""
+import base64
+import json
+import os
+import sys
+import time
+
+import jsonpatch
+import yaml
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from k8slib import (ROOT, Emulator, Operator, Results, WebhookClient, admission_review, build_operator,  # noqa: E402
+                    decode_patch, wait_for)
+
+SERVICE_NAME = "wallaroo-connectors-webhook.wallaroo-system.svc"
+NS = "/apis/wallaroo.dev/v1alpha1/namespaces/apps/connectors"
+TLS = "/api/v1/namespaces/wallaroo-system/secrets/wallaroo-connectors-webhook-tls"
+MWC = "/apis/admissionregistration.k8s.io/v1/mutatingwebhookconfigurations/wallaroo-connectors"
+DEPLOY = "/apis/apps/v1/namespaces/apps/deployments/celsius"
+LEASE = "/apis/coordination.k8s.io/v1/namespaces/wallaroo-system/leases/wallaroo-connector-operator"
+
+
+def connectors():
+    path = os.path.join(ROOT, "examples", "celsius", "connectors.yaml")
+    if not os.path.exists(path):
+        path = os.path.join(ROOT, "operator", "tests", "fixtures", "celsius-connectors.yaml")
+    docs = [d for d in yaml.safe_load_all(open(path)) if d and d.get("kind") == "Connector"]
+    for d in docs:
+        d["metadata"].pop("namespace", None)
+        d["spec"]["selector"] = {"matchLabels": {"app": "celsius"}}
+    return {d["metadata"]["name"]: d for d in docs}
+
+
+def condition(conn, type_):
+    for c in (conn or {}).get("status", {}).get("conditions", []):
+        if c["type"] == type_:
+            return c
+    return None
+
+
+def worker_pod():
+    return {
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {
+            "generateName": "celsius-7d9f8b6c4-", "namespace": "apps",
+            "labels": {"app": "celsius", "wallaroo.dev/inject": "true", "pod-template-hash": "7d9f8b6c4"},
+            "ownerReferences": [{"apiVersion": "apps/v1", "kind": "ReplicaSet", "name": "celsius-7d9f8b6c4",
+                                 "uid": "seeded-rs", "controller": True}],
+        },
+        "spec": {"containers": [{"name": "worker", "image": "wallaroo/celsius:1.0"}]},
+    }
+
+
+def admit_and_create(r, emu, client, uid):
+    """What the API server does for a ReplicaSet's pod: call the webhook, apply the patch, store the pod."""
+    pod = worker_pod()
+    code, body = client.post("/mutate", admission_review(uid, pod))
+    review = json.loads(body)
+    patch = decode_patch(review)
+    r.check(f"admission {uid} allowed with a JSON patch", code == 200 and review["response"]["allowed"] and patch,
+            f"{code} {body[:300]!r}")
+    mutated = jsonpatch.apply_patch(pod, patch or [])
+    return emu.create("/api/v1/namespaces/apps/pods", mutated)
+
+
+def ca_from_secret(emu):
+    s = emu.get(TLS)
+    return base64.b64decode(s["data"]["ca.crt"]).decode() if s else None
+
+
+def main():
+    r = Results("e2e")
+    binary = build_operator(release=os.environ.get("WALLAROO_E2E_RELEASE") == "1")
+    emu = Emulator(seeds=[os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures-e2e.yaml")])
+    ops = []
+    try:
+        scenario(r, binary, emu, ops)
+    except Exception:
+        import traceback
+        r.check("scenario ran to the end", False, traceback.format_exc())
+        for o in ops:
+            print(f"--- {o.log_path}\n{o.tail(40)}")
+    finally:
+        for o in ops:
+            o.terminate(5)
+        emu.stop()
+    return r.report()
+
+
+def scenario(r, binary, emu, ops):
+    if True:
+        op1 = Operator(binary, emu, "op-1", extra_env={"CERT_CHECK_SECONDS": "1"})
+        ops.append(op1)
+        r.check("operator becomes ready (Connector cache synced, certificate loaded)", wait_for(op1.ready, 30),
+                op1.tail())
+        secret = emu.get(TLS)
+        r.check("TLS Secret created with CA and serving certificate",
+                secret and {"ca.crt", "ca.key", "tls.crt", "tls.key"} <= set(secret.get("data", {})))
+        ca = ca_from_secret(emu)
+        bundle = wait_for(lambda: emu.get(MWC)["webhooks"][0]["clientConfig"].get("caBundle"), 10)
+        r.check("webhook caBundle patched with the CA", bundle and base64.b64decode(bundle).decode() == ca)
+        lease = wait_for(lambda: emu.get(LEASE), 10)
+        r.check("Lease acquired by the first replica", lease and lease["spec"]["holderIdentity"] == "op-1", lease)
+
+        # Admission before any Connector: admitted unchanged, with a warning.
+        client = WebhookClient(op1.webhook_port, ca, SERVICE_NAME)
+        code, body = client.post("/mutate", admission_review("no-match", worker_pod()))
+        resp = json.loads(body)["response"]
+        r.check("pod without a matching Connector is admitted unchanged with a warning",
+                resp["allowed"] and "patch" not in resp and resp.get("warnings"), resp)
+
+        conns = connectors()
+        for c in conns.values():
+            emu.create(NS, c)
+        feed, out = sorted(conns)
+        synced = wait_for(lambda: all(
+            condition(emu.get(f"{NS}/{n}"), "Valid") for n in conns), 20)
+        r.check("controller writes conditions for both Connectors", synced, op1.tail())
+        got = emu.get(f"{NS}/{feed}")
+        r.check("finalizer added", "wallaroo.dev/rollout" in got["metadata"].get("finalizers", []))
+        r.check("status has observedGeneration, direction and kind",
+                got["status"].get("observedGeneration") == got["metadata"]["generation"]
+                and got["status"].get("direction") in ("source", "sink") and got["status"].get("kind"), got["status"])
+        r.check("no pods yet: Ready False NoMatchingPods",
+                condition(got, "Ready")["status"] == "False" and condition(got, "Injected")["reason"] == "NoMatchingPods")
+
+        # Pods created through the webhook get both sidecars.
+        wait_for(lambda: len(emu.get(f"{NS}")["items"]) == len(conns), 5)
+        time.sleep(0.5)  # let the webhook's Connector cache see both
+        pods = [admit_and_create(r, emu, client, f"pod-{i}") for i in range(2)]
+        names = [c["name"] for c in pods[0]["spec"].get("initContainers", [])]
+        r.check("pod got one native sidecar per Connector", names == sorted(conns), names)
+        env = {e["name"]: e for e in pods[0]["spec"]["initContainers"][0]["env"]}
+        r.check("sidecar env carries the Connector JSON and downward-API pod name",
+                json.loads(env["WALLAROO_CONNECTOR"]["value"])["metadata"]["name"] == names[0]
+                and env["POD_NAME"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name")
+        ready = wait_for(lambda: all(
+            condition(emu.get(f"{NS}/{n}"), "Ready")["status"] == "True" for n in conns), 20)
+        r.check("both Connectors Ready with 2/2 pods injected", ready,
+                json.dumps(emu.get(f"{NS}/{feed}").get("status"), indent=1))
+        st = emu.get(f"{NS}/{feed}")["status"]
+        r.check("matchedPods/injectedPods counted", st["matchedPods"] == 2 and st["injectedPods"] == 2, st)
+
+        # Spec change -> the Deployment's pod template gets the new hash (a rollout).
+        old_gen = emu.get(f"{NS}/{feed}")["metadata"]["generation"]
+        code, _ = emu.merge(f"{NS}/{feed}", {"spec": {"drainTimeoutSeconds": 33}})
+        key = f"connector.wallaroo.dev/{feed}"
+        annotated = wait_for(lambda: emu.get(DEPLOY)["spec"]["template"].get("metadata", {})
+                             .get("annotations", {}).get(key), 20)
+        new_hash = wait_for(lambda: emu.get(f"{NS}/{feed}")["status"].get("specHash")
+                            if emu.get(f"{NS}/{feed}")["status"].get("observedGeneration") == old_gen + 1 else None, 20)
+        r.check("spec change rolls the owning Deployment with the new spec hash",
+                annotated and annotated == new_hash, (annotated, new_hash, op1.tail()))
+        inj = condition(emu.get(f"{NS}/{feed}"), "Injected")
+        r.check("status shows the rollout in progress", inj and inj["reason"] == "RolloutInProgress", inj)
+        events = emu.get("/apis/events.k8s.io/v1/namespaces/apps/events")["items"]
+        reasons = {e.get("reason") for e in events}
+        r.check("Events published (Injected, RolloutTriggered)", {"Injected", "RolloutTriggered"} <= reasons, reasons)
+
+        # A Connector referencing a missing Secret is reported invalid.
+        bad = json.loads(json.dumps(conns[out]))
+        bad["metadata"] = {"name": "needs-secret"}
+        bad["spec"]["selector"] = {"matchLabels": {"app": "nothing"}}
+        bad["spec"].setdefault("worker", {})["cookieFrom"] = {"secretKeyRef": {"name": "absent", "key": "cookie"}}
+        emu.create(NS, bad)
+        valid = wait_for(lambda: condition(emu.get(f"{NS}/needs-secret"), "Valid"), 20)
+        r.check("missing Secret -> Valid False MissingSecret",
+                valid and valid["status"] == "False" and valid["reason"] == "MissingSecret", valid)
+
+        # Deleting a Connector rolls the pods that run it, then releases the finalizer.
+        emu.delete(f"{NS}/{out}")
+        gone = wait_for(lambda: emu.call("GET", f"{NS}/{out}")[0] == 404, 20)
+        removed = emu.get(DEPLOY)["spec"]["template"]["metadata"]["annotations"].get(f"connector.wallaroo.dev/{out}")
+        r.check("deletion rolls the Deployment (annotation 'removed') and the Connector goes away",
+                gone and removed == "removed", (gone, removed))
+
+        # Certificate rotation without restart: drop the Secret, the operator re-issues and reloads.
+        old_ca = ca
+        emu.delete(TLS)
+        new_ca = wait_for(lambda: (lambda c: c if c and c != old_ca else None)(ca_from_secret(emu)), 20)
+        r.check("TLS Secret re-created with a new CA", new_ca)
+        def new_cert_served():
+            c = WebhookClient(op1.webhook_port, new_ca, SERVICE_NAME)
+            try:
+                return c.post("/mutate", admission_review("rot", worker_pod()))[0] == 200
+            finally:
+                c.close()
+        r.check("webhook serves the new certificate without a restart", wait_for(new_cert_served, 20))
+        bundle = wait_for(lambda: (lambda b: b if b and base64.b64decode(b).decode() == new_ca else None)(
+            emu.get(MWC)["webhooks"][0]["clientConfig"].get("caBundle")), 20)
+        r.check("caBundle follows the new CA", bundle)
+
+        m = op1.metrics()
+        for series in ['wallaroo_operator_admission_requests_total{outcome="injected"}',
+                       'wallaroo_operator_admission_requests_total{outcome="no_match"} 1',
+                       "wallaroo_operator_reconcile_total", "wallaroo_operator_reconcile_duration_seconds_bucket",
+                       "wallaroo_operator_admission_duration_seconds_bucket", "wallaroo_operator_injected_sidecars_total"]:
+            r.check(f"metric {series}", series in m)
+
+        # Second replica: serves the webhook, waits for the Lease; SIGTERM on the leader hands over.
+        op2 = Operator(binary, emu, "op-2")
+        ops.append(op2)
+        r.check("second replica becomes ready", wait_for(op2.ready, 30), op2.tail())
+        time.sleep(1)
+        r.check("Lease still held by the first replica", emu.get(LEASE)["spec"]["holderIdentity"] == "op-1")
+        t0 = time.monotonic()
+        code = op1.terminate()
+        r.check("SIGTERM: first replica exits 0", code == 0, (code, op1.tail()))
+        r.check("...within 10 s", time.monotonic() - t0 < 10, time.monotonic() - t0)
+        took = wait_for(lambda: emu.get(LEASE)["spec"].get("holderIdentity") == "op-2", 15)
+        r.check("second replica takes the Lease over", took, emu.get(LEASE))
+        emu.merge(f"{NS}/{feed}", {"spec": {"drainTimeoutSeconds": 34}})
+        rolled = wait_for(lambda: emu.get(DEPLOY)["spec"]["template"]["metadata"]["annotations"].get(key) != annotated, 20)
+        r.check("new leader reconciles (rolls on the next spec change)", rolled, op2.tail())
+        r.check("SIGTERM: second replica exits 0", op2.terminate() == 0, op2.tail())
+
+
+if __name__ == "__main__":
+    sys.exit(main())
