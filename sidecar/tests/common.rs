@@ -64,3 +64,31 @@ pub fn clean(s: &wallaroo_connector::sim::SourceSimState) {
     let st = s.stats();
     assert_eq!((st.credit_overruns, st.second_hello, st.protocol_errors), (0, 0, 0), "{st:?}");
 }
+
+pub struct Sidecar {
+    pub child: std::process::Child,
+    _dir: tempfile::TempDir,
+}
+
+/// A failing test must not leave a sidecar running.
+impl Drop for Sidecar {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The sidecar binary, so it can be killed with SIGKILL.
+pub fn start_binary(yaml: &str) -> Sidecar {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("connector.yaml");
+    std::fs::write(&path, yaml).unwrap();
+    let child = std::process::Command::new(env!("CARGO_BIN_EXE_wallaroo-connector"))
+        .args(["run", "-f", path.to_str().unwrap(), "--admin-addr", "127.0.0.1:0"])
+        .env("RUST_LOG", "info")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::inherit())
+        .spawn()
+        .unwrap();
+    Sidecar { child, _dir: dir }
+}

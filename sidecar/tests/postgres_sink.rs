@@ -6,7 +6,7 @@ mod common;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
 use common::*;
@@ -179,34 +179,6 @@ async fn staging_committed_once_aborted_never() {
 #[tokio::test]
 async fn prepared_committed_once_aborted_never() {
     committed_and_aborted(Mode::Prepared).await;
-}
-
-struct Sidecar {
-    child: Child,
-    _dir: tempfile::TempDir,
-}
-
-/// A failing test must not leave a sidecar running.
-impl Drop for Sidecar {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// The sidecar binary, so it can be killed with SIGKILL.
-fn start_binary(yaml: &str) -> Sidecar {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("connector.yaml");
-    std::fs::write(&path, yaml).unwrap();
-    let child = Command::new(env!("CARGO_BIN_EXE_wallaroo-connector"))
-        .args(["run", "-f", path.to_str().unwrap(), "--admin-addr", "127.0.0.1:0"])
-        .env("RUST_LOG", "info")
-        .stdout(Stdio::null())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .unwrap();
-    Sidecar { child, _dir: dir }
 }
 
 async fn crash_between_phases(mode: Mode, checkpoint_completed: bool) {

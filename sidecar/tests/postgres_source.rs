@@ -4,7 +4,7 @@ mod common;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
 use common::*;
@@ -165,32 +165,6 @@ async fn rows_inserted_while_down_arrive_after_a_clean_restart_without_redeliver
     assert_eq!(sim.stats().duplicates, 0);
     running.stop.cancel();
     let _ = tokio::time::timeout(Duration::from_secs(10), running.task).await;
-}
-
-struct Sidecar {
-    child: Child,
-    _dir: tempfile::TempDir,
-}
-
-/// A failing test must not leave a sidecar running.
-impl Drop for Sidecar {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn start_binary(yaml: &str) -> Sidecar {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("connector.yaml");
-    std::fs::write(&path, yaml).unwrap();
-    let child = Command::new(env!("CARGO_BIN_EXE_wallaroo-connector"))
-        .args(["run", "-f", path.to_str().unwrap(), "--admin-addr", "127.0.0.1:0"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .unwrap();
-    Sidecar { child, _dir: dir }
 }
 
 #[tokio::test]

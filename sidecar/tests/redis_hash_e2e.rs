@@ -7,16 +7,8 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use redis::AsyncCommands;
-use rr_support::{Sidecar, unique};
+use rr_support::{Sidecar, redis, unique};
 use wallaroo_connector::sim::{RoundOutcome, SinkSim, SinkSimConfig};
-
-async fn redis() -> redis::aio::MultiplexedConnection {
-    redis::Client::open("redis://127.0.0.1:6379")
-        .unwrap()
-        .get_multiplexed_async_connection()
-        .await
-        .expect("Redis must run on 127.0.0.1:6379 (tests/services/redis.sh)")
-}
 
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()

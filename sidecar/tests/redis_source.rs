@@ -9,18 +9,10 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use redis::AsyncCommands;
-use rr_support::{Proxy, Sidecar, unique};
+use rr_support::{Proxy, Sidecar, redis, unique};
 use wallaroo_connector::sim::{SourceSim, SourceSimConfig};
 
 const WAIT: Duration = Duration::from_secs(60);
-
-async fn redis() -> redis::aio::MultiplexedConnection {
-    redis::Client::open("redis://127.0.0.1:6379")
-        .unwrap()
-        .get_multiplexed_async_connection()
-        .await
-        .expect("Redis must run on 127.0.0.1:6379 (tests/services/redis.sh)")
-}
 
 async fn sim() -> SourceSim {
     SourceSim::start(SourceSimConfig { checkpoint_every: Some(Duration::from_millis(50)), ..Default::default() })
