@@ -166,15 +166,7 @@ async fn readyz_follows_a_broker_outage_and_rounds_commit_after_it() {
     let admin = SocketAddr::from(([127, 0, 0, 1], free_port()));
     let (stop, task, addr) =
         start_sink_with_admin(&sink_manifest_at(&brokers, sink_port, &topic, ""), sink_port, admin).await;
-    let ready = |want: u16| async move {
-        for _ in 0..300 {
-            if http_status(admin, "/readyz").await == Some(want) {
-                return true;
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-        false
-    };
+    let ready = |want: u16| wait_readyz(admin, want);
     assert!(ready(200).await, "sink not ready with the broker up");
     proxy.stop().await;
     assert!(ready(503).await, "/readyz still 200 with the broker gone");

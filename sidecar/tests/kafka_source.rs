@@ -306,15 +306,7 @@ async fn broker_outage_is_survived_and_readyz_follows() {
     let admin = SocketAddr::from(([127, 0, 0, 1], free_port()));
     let (stop, task) = spawn_in_process(&source_manifest(sim.addr(), &brokers, &topic, &group), Some(admin));
     assert!(sim.wait_until(Duration::from_secs(60), |s| s.processed_total() >= 10).await);
-    let ready = |want: u16| async move {
-        for _ in 0..300 {
-            if http_status(admin, "/readyz").await == Some(want) {
-                return true;
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-        false
-    };
+    let ready = |want: u16| wait_readyz(admin, want);
     assert!(ready(200).await, "not ready while the broker is up");
 
     proxy.stop().await;

@@ -150,6 +150,17 @@ pub fn free_port() -> u16 {
 }
 
 /// `GET path` on the admin server; the status code, or None when nothing answers.
+/// Polls `/readyz` for up to 30 s until it answers `want`.
+pub async fn wait_readyz(admin: SocketAddr, want: u16) -> bool {
+    for _ in 0..300 {
+        if http_status(admin, "/readyz").await == Some(want) {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    false
+}
+
 pub async fn http_status(addr: SocketAddr, path: &str) -> Option<u16> {
     http_get(addr, path).await.map(|(status, _)| status)
 }
