@@ -19,7 +19,8 @@ pub use secret::{SecretError, SecretKeySelector, SecretValue, secret_env_var};
 pub use sinks::*;
 pub use sources::*;
 pub use spec::{
-    Connector, ConnectorSpec, DEFAULT_COOKIE, DEFAULT_METRICS_PORT, Direction, ResourceSettings, WorkerEndpoint,
+    Connector, ConnectorSpec, DEFAULT_COOKIE, DEFAULT_METRICS_PORT, Direction, ResourceSettings, SidecarVolumeMount,
+    WorkerEndpoint,
 };
 pub use status::{Condition, ConnectorStatus};
 pub use validate::{FieldError, ValidationErrors};

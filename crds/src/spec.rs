@@ -59,6 +59,25 @@ pub struct ConnectorSpec {
     /// Seconds the sidecar waits on SIGTERM for outstanding acks or an open 2PC round (default 20).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub drain_timeout_seconds: Option<u32>,
+    /// Volumes of the worker pod to mount into the injected sidecar, e.g. the directory a `file` source reads or a
+    /// `file` sink writes (the sidecar's own root filesystem is read-only).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub volume_mounts: Vec<SidecarVolumeMount>,
+}
+
+/// One pod volume mounted into the sidecar; the volume itself belongs to the pod (`spec.volumes`).
+#[derive(Deserialize, Serialize, Clone, Debug, JsonSchema, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct SidecarVolumeMount {
+    /// Name of a volume in the pod's `spec.volumes`.
+    pub name: String,
+    /// Absolute path inside the sidecar.
+    pub mount_path: String,
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub read_only: bool,
+    /// Mount only this path within the volume.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sub_path: Option<String>,
 }
 
 fn default_metrics_port() -> u16 {
@@ -186,6 +205,27 @@ impl ConnectorSpec {
         out.sort();
         out.dedup();
         out
+    }
+
+    /// Local paths the connector reads or writes (the `file` source and sink), with the field that names each: in
+    /// a pod they must lie under one of `volumeMounts`, or the sidecar sees only its own read-only image.
+    pub fn local_paths(&self) -> Vec<(&'static str, &str)> {
+        let mut out = Vec::new();
+        if let Some(f) = self.source.as_ref().and_then(|s| s.file.as_ref()) {
+            out.push(("spec.source.file.path", f.path.as_str()));
+        }
+        if let Some(f) = self.sink.as_ref().and_then(|s| s.file.as_ref()) {
+            out.push(("spec.sink.file.dir", f.dir.as_str()));
+        }
+        out
+    }
+
+    /// The mount of `volumeMounts` that holds `path`, if any (a path-component prefix, not a string prefix).
+    pub fn mount_for(&self, path: &str) -> Option<&SidecarVolumeMount> {
+        self.volume_mounts.iter().find(|m| {
+            let root = m.mount_path.trim_end_matches('/');
+            path == root || root.is_empty() || path.strip_prefix(root).is_some_and(|rest| rest.starts_with('/'))
+        })
     }
 
     /// A stable hash of the spec, used for rollouts and the injection annotation.

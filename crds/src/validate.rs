@@ -126,6 +126,7 @@ impl ConnectorSpec {
         {
             c.fail("spec.worker.refillCredits", format!("must be below maxCredits ({max})"));
         }
+        check_volume_mounts(&mut c, &self.volume_mounts);
         match (&self.source, &self.sink) {
             (Some(_), Some(_)) => c.fail("spec", "set exactly one of source or sink, not both"),
             (None, None) => c.fail("spec", "set one of source or sink (e.g. source: {udp: {port: 6789}})"),
@@ -138,6 +139,27 @@ impl ConnectorSpec {
             }
         }
         if c.0.is_empty() { Ok(()) } else { Err(ValidationErrors(c.0)) }
+    }
+}
+
+fn check_volume_mounts(c: &mut Check, mounts: &[crate::SidecarVolumeMount]) {
+    let mut seen = std::collections::BTreeSet::new();
+    for (i, m) in mounts.iter().enumerate() {
+        let base = format!("spec.volumeMounts[{i}]");
+        c.non_empty(&format!("{base}.name"), &m.name, "name a volume from the pod's spec.volumes");
+        if !m.mount_path.starts_with('/') {
+            c.fail(format!("{base}.mountPath"), format!("{:?} must be an absolute path, e.g. /data", m.mount_path));
+        } else if !seen.insert(m.mount_path.trim_end_matches('/')) {
+            c.fail(
+                format!("{base}.mountPath"),
+                format!("{} is mounted twice; give each mount its own path", m.mount_path),
+            );
+        }
+        if let Some(sub) = &m.sub_path
+            && (sub.starts_with('/') || sub.split('/').any(|part| part == ".."))
+        {
+            c.fail(format!("{base}.subPath"), "must be a relative path inside the volume, without '..'");
+        }
     }
 }
 

@@ -2,8 +2,9 @@
 """The operator binary end to end against the in-memory API emulator (test tooling; see emulator.py).
 
 Covers: self-managed webhook TLS (Secret, caBundle, rotation without restart), injection over HTTPS exactly as the
-API server calls it, status and conditions, rollouts on spec change, finalizer-driven rollout on deletion, Events,
-metrics, leader election with hand-over on SIGTERM, and graceful shutdown.
+API server calls it, status and conditions, rollouts on spec change and for Connectors created after their pods,
+pods that cannot take a Connector (reason on the pod and in the status), finalizer-driven rollout on deletion,
+Events, metrics, leader election with hand-over on SIGTERM, and graceful shutdown.
 """
 import base64
 import json
@@ -179,6 +180,40 @@ def scenario(r, binary, emu, ops):
         removed = emu.get(DEPLOY)["spec"]["template"]["metadata"]["annotations"].get(f"connector.wallaroo.dev/{out}")
         r.check("deletion rolls the Deployment (annotation 'removed') and the Connector goes away",
                 gone and removed == "removed", (gone, removed))
+
+        # A Connector created after its pods: their Deployment is rolled so they get it.
+        late = {"apiVersion": "wallaroo.dev/v1alpha1", "kind": "Connector", "metadata": {"name": "late-udp"},
+                "spec": {"connectorName": "late", "selector": {"matchLabels": {"app": "celsius"}},
+                         "worker": {"port": 7900}, "metricsPort": 9480, "source": {"udp": {"port": 6900}}}}
+        emu.create(NS, late)
+        late_hash = wait_for(lambda: emu.get(f"{NS}/late-udp").get("status", {}).get("specHash"), 20)
+        rolled_late = wait_for(lambda: emu.get(DEPLOY)["spec"]["template"]["metadata"]["annotations"]
+                               .get("connector.wallaroo.dev/late-udp"), 20)
+        r.check("new Connector rolls the Deployment of pods created before it",
+                late_hash and rolled_late == late_hash, (late_hash, rolled_late, op1.tail()))
+
+        # A Connector the pod cannot take (a volume it lacks): admitted without it, with the reason on pod and status.
+        needs_volume = {"apiVersion": "wallaroo.dev/v1alpha1", "kind": "Connector", "metadata": {"name": "archive"},
+                        "spec": {"connectorName": "archive", "selector": {"matchLabels": {"app": "celsius"}},
+                                 "worker": {"port": 7950}, "metricsPort": 9481, "sink": {"file": {"dir": "/archive/out"}},
+                                 "volumeMounts": [{"name": "archive", "mountPath": "/archive"}]}}
+        emu.create(NS, needs_volume)
+        wait_for(lambda: emu.get(f"{NS}/archive").get("status", {}).get("specHash"), 20)
+        time.sleep(0.5)  # let the webhook's Connector cache see it
+        code, body = client.post("/mutate", admission_review("needs-volume", worker_pod()))
+        resp = json.loads(body)["response"]
+        r.check("admission warns that the Connector needs a volume the pod lacks",
+                any("archive not injected" in w and "volume \"archive\"" in w for w in resp.get("warnings", [])), resp)
+        skipped_pod = admit_and_create(r, emu, client, "needs-volume-2")
+        record = json.loads(skipped_pod["metadata"]["annotations"].get("wallaroo.dev/skipped", "{}"))
+        r.check("pod records the skip with the spec hash", "archive" in record
+                and record["archive"]["specHash"] == emu.get(f"{NS}/archive")["status"]["specHash"], record)
+        late_in_pod = "late-udp" in [c["name"] for c in skipped_pod["spec"].get("initContainers", [])]
+        r.check("...and still gets the Connectors it can take", late_in_pod, skipped_pod["spec"])
+        skip_cond = wait_for(lambda: (lambda c: c if c and c["reason"] == "InjectionSkipped" else None)(
+            condition(emu.get(f"{NS}/archive"), "Injected")), 20)
+        r.check("status says why: Injected False InjectionSkipped with the reason",
+                skip_cond and "volume \"archive\"" in skip_cond["message"], skip_cond)
 
         # Certificate rotation without restart: drop the Secret, the operator re-issues and reloads.
         old_ca = ca

@@ -7,16 +7,16 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use anyhow::Context as _;
-use futures::StreamExt;
 use kube::Client;
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
-use kube::runtime::{WatchStreamExt, reflector, watcher};
+use kube::runtime::reflector;
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 use tracing_subscriber::EnvFilter;
 use wallaroo_crds::Connector;
 use wallaroo_operator::admin::{self, Health};
+use wallaroo_operator::connector_cache::ConnectorCache;
 use wallaroo_operator::controller::leader::{Elector, LeaseConfig};
 use wallaroo_operator::controller::{self, Context};
 use wallaroo_operator::inject::SidecarMode;
@@ -165,6 +165,12 @@ async fn controller_loop(ctx_parts: ControllerParts, mut leading: watch::Receive
             _ = shutdown.cancelled() => return,
             r = leading.wait_for(|l| *l) => if r.is_err() { return },
         }
+        // Start from a complete cache, so the first reconciles see every Connector.
+        let store = ctx_parts.connectors.store();
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            r = store.wait_until_ready() => if r.is_err() { return },
+        }
         tracing::info!("leading: starting the controller");
         let (pods, writer) = reflector::store();
         let ctx = Arc::new(Context {
@@ -189,7 +195,7 @@ async fn controller_loop(ctx_parts: ControllerParts, mut leading: watch::Receive
                 stop.cancel();
             })
         };
-        controller::run(ctx, writer, async move { stop_on.cancelled().await }).await;
+        controller::run(ctx, &ctx_parts.connectors, writer, async move { stop_on.cancelled().await }).await;
         watch_stop.abort();
         if shutdown.is_cancelled() {
             return;
@@ -199,6 +205,7 @@ async fn controller_loop(ctx_parts: ControllerParts, mut leading: watch::Receive
 
 struct ControllerParts {
     client: Client,
+    connectors: ConnectorCache,
     recorder: Recorder,
     metrics: Metrics,
     namespaces: Option<BTreeSet<String>>,
@@ -225,16 +232,10 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let native = native_sidecars(&client, args.sidecar.sidecar_mode).await?;
     let inject_cfg = Arc::new(args.sidecar.config(native));
 
-    // The webhook's view of Connectors runs on every replica, leader or not.
-    let connectors_api = controller::scoped::<Connector>(&client, &namespaces);
-    let (connector_store, connector_writer) = reflector::store();
-    let reflector_task = tokio::spawn(
-        watcher(connectors_api, watcher::Config::default().any_semantic())
-            .default_backoff()
-            .modify(|c: &mut Connector| controller::slim_connector_metadata(&mut c.metadata))
-            .reflect(connector_writer)
-            .for_each(|_| futures::future::ready(())),
-    );
+    // One Connector cache on every replica, leader or not: the webhook reads it, the leader's controller follows it.
+    let (connectors, watch) = ConnectorCache::watch(controller::scoped::<Connector>(&client, &namespaces));
+    let reflector_task = tokio::spawn(watch);
+    let connector_store = connectors.store();
     {
         let store = connector_store.clone();
         let health = health.clone();
@@ -327,6 +328,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     };
     let parts = ControllerParts {
         client: client.clone(),
+        connectors,
         recorder,
         metrics,
         namespaces,

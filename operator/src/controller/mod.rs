@@ -19,7 +19,8 @@ use kube::runtime::{WatchStreamExt, reflector, watcher};
 use kube::{Api, Client, ResourceExt};
 use wallaroo_crds::Connector;
 
-use crate::inject::names::{INJECT_LABEL, INJECTED_ANNOTATION};
+use crate::connector_cache::ConnectorCache;
+use crate::inject::names::{INJECT_LABEL, INJECTED_ANNOTATION, SKIPPED_ANNOTATION};
 use crate::inject::{injected_annotation, matching};
 use crate::metrics::Metrics;
 
@@ -95,22 +96,30 @@ pub fn connectors_for_pod(store: &Store<Connector>, pod: &PartialObjectMeta<Pod>
 }
 
 /// Drops what the controller never reads from cached pod metadata: managedFields and every annotation but the
-/// injection record (`kubectl apply` alone can add kilobytes per object).
+/// injection records (`kubectl apply` alone can add kilobytes per object).
 pub fn slim_pod_metadata(m: &mut ObjectMeta) {
     m.managed_fields = None;
+    // The cache is keyed by namespace/name and the watch tracks resource versions before this runs, so none of
+    // these is read again; with thousands of pods they add up.
+    m.uid = None;
+    m.resource_version = None;
+    m.creation_timestamp = None;
+    m.generate_name = None;
+    m.finalizers = None;
+    if let Some(refs) = m.owner_references.as_mut() {
+        // Rollouts follow the controlling owner by kind and name only.
+        refs.retain(|r| r.controller == Some(true));
+        for r in refs.iter_mut() {
+            r.uid = String::new();
+            r.block_owner_deletion = None;
+        }
+    }
     if let Some(a) = m.annotations.as_mut() {
-        a.retain(|k, _| k == INJECTED_ANNOTATION);
+        a.retain(|k, _| k == INJECTED_ANNOTATION || k == SKIPPED_ANNOTATION);
     }
     if m.annotations.as_ref().is_some_and(|a| a.is_empty()) {
         m.annotations = None;
     }
-}
-
-/// Drops managedFields and annotations from cached Connectors; neither injection nor reconciliation reads them, and
-/// `kubectl apply` stores the whole object again in an annotation.
-pub fn slim_connector_metadata(m: &mut ObjectMeta) {
-    m.managed_fields = None;
-    m.annotations = None;
 }
 
 /// An API handle for one namespace when exactly one is watched, else cluster-wide.
@@ -125,13 +134,13 @@ where
     }
 }
 
-/// Runs the controller until `shutdown` resolves.
+/// Runs the controller until `shutdown` resolves, fed by the process's Connector cache.
 pub async fn run(
     ctx: Arc<Context>,
+    connectors: &ConnectorCache,
     pod_writer: reflector::store::Writer<PartialObjectMeta<Pod>>,
     shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
 ) {
-    let connectors: Api<Connector> = scoped(&ctx.client, &ctx.namespaces);
     let pods: Api<PartialObjectMeta<Pod>> = scoped(&ctx.client, &ctx.namespaces);
     let pod_cfg = watcher::Config::default().labels(&format!("{INJECT_LABEL}=true"));
     let pod_events = watcher(pods, pod_cfg)
@@ -139,13 +148,7 @@ pub async fn run(
         .modify(|p: &mut PartialObjectMeta<Pod>| slim_pod_metadata(&mut p.metadata))
         .reflect(pod_writer)
         .touched_objects();
-    let (reader, writer) = reflector::store();
-    let connector_events = watcher(connectors, watcher::Config::default().any_semantic())
-        .default_backoff()
-        .modify(|c: &mut Connector| slim_connector_metadata(&mut c.metadata))
-        .reflect(writer)
-        .applied_objects();
-    let controller = Controller::for_stream(connector_events, reader)
+    let controller = Controller::for_shared_stream(connectors.triggers(), connectors.store())
         .with_config(ControllerConfig::default().debounce(Duration::from_millis(500)).concurrency(8));
     let store = controller.store();
     controller

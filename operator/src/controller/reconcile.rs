@@ -16,7 +16,7 @@ use wallaroo_crds::Connector;
 use super::status::{self, Observed, VALID};
 use super::{Context, Error, rollout};
 use crate::inject::names::template_annotation_key;
-use crate::inject::{injected_annotation, selector, wants_injection};
+use crate::inject::{injected_annotation, selector, skipped_annotation, wants_injection};
 
 pub const FINALIZER: &str = "wallaroo.dev/rollout";
 /// Template annotation value written when a Connector is deleted, so its sidecar leaves the pods.
@@ -142,22 +142,36 @@ async fn apply(c: Arc<Connector>, ctx: &Context, ns: &str) -> Result<Action, Err
     obs.problems.extend(secret_problems);
 
     let hash = c.spec.spec_hash();
-    let mut outdated = Vec::new();
+    // Pods to roll: those on an older spec, and those created before this Connector existed (or admitted while the
+    // webhook was unavailable). Pods the webhook refused for this very spec are not rolled: they would be refused
+    // again; their recorded reason goes into the status instead.
+    let mut to_roll = Vec::new();
     let pods = matched_pods(&c, ctx, ns);
     obs.matched = i32::try_from(pods.len()).unwrap_or(i32::MAX);
     for p in &pods {
         match injected_annotation(&p.metadata).get(&name) {
             Some(h) if *h == hash => obs.injected += 1,
-            Some(_) => outdated.push(p.clone()),
-            None => {}
+            Some(_) => {
+                obs.outdated += 1;
+                to_roll.push(p.clone());
+            }
+            None => match skipped_annotation(&p.metadata).remove(&name) {
+                Some(skip) if skip.spec_hash == hash => {
+                    obs.skipped += 1;
+                    obs.skip_reason.get_or_insert(skip.reason);
+                }
+                _ => {
+                    obs.missing += 1;
+                    to_roll.push(p.clone());
+                }
+            },
         }
     }
-    obs.outdated = i32::try_from(outdated.len()).unwrap_or(i32::MAX);
     obs.rollout_disabled = c.spec.restart_on_change == Some(false);
 
     // Rolling into a spec the webhook would refuse to inject would silently drop the sidecar: wait for a fix.
-    if !outdated.is_empty() && !obs.rollout_disabled && obs.problems.is_empty() {
-        roll_owners(&c, ctx, ns, &outdated, &hash).await?;
+    if !to_roll.is_empty() && !obs.rollout_disabled && obs.problems.is_empty() {
+        roll_owners(&c, ctx, ns, &to_roll, &hash).await?;
     }
 
     let now = jiff::Timestamp::now().strftime("%Y-%m-%dT%H:%M:%SZ").to_string();

@@ -17,6 +17,11 @@ pub struct Observed {
     pub injected: i32,
     /// Pods that run an older spec of this Connector.
     pub outdated: i32,
+    /// Pods without this Connector's sidecar: created before it, or admitted while the webhook was unavailable.
+    pub missing: i32,
+    /// Pods the webhook refused this spec (e.g. a volume the pod lacks), and the first such reason.
+    pub skipped: i32,
+    pub skip_reason: Option<String>,
     pub rollout_disabled: bool,
 }
 
@@ -50,7 +55,16 @@ pub fn build(c: &Connector, o: &Observed, now: &str) -> ConnectorStatus {
             "AllPodsInjected",
             format!("{} of {} matching pods run the current spec", o.injected, o.matched),
         )
-    } else if o.outdated > 0 && !o.rollout_disabled {
+    } else if o.skipped > 0 {
+        let m = format!(
+            "{} of {} matching pods run the current spec; {} could not take it: {}",
+            o.injected,
+            o.matched,
+            o.skipped,
+            o.skip_reason.as_deref().unwrap_or("see the InjectionSkipped events")
+        );
+        cond(INJECTED, false, "InjectionSkipped", m)
+    } else if o.outdated + o.missing > 0 && !o.rollout_disabled {
         let m = format!("{} of {} matching pods run the current spec; rolling out", o.injected, o.matched);
         cond(INJECTED, false, "RolloutInProgress", m)
     } else if o.outdated > 0 {
@@ -61,7 +75,8 @@ pub fn build(c: &Connector, o: &Observed, now: &str) -> ConnectorStatus {
         cond(INJECTED, false, "PodsOutdated", m)
     } else {
         let m = format!(
-            "{} of {} matching pods have the sidecar; pods created before the Connector get it when they restart",
+            "{} of {} matching pods have the sidecar; restartOnChange is false, so pods created before the Connector \
+             get it when they restart",
             o.injected, o.matched
         );
         cond(INJECTED, false, "PodsWithoutSidecar", m)
@@ -151,7 +166,22 @@ mod tests {
             reason(Observed { matched: 3, injected: 1, outdated: 2, rollout_disabled: true, ..base.clone() }),
             "PodsOutdated"
         );
-        assert_eq!(reason(Observed { matched: 3, injected: 1, ..base }), "PodsWithoutSidecar");
+        assert_eq!(reason(Observed { matched: 3, injected: 1, missing: 2, ..base.clone() }), "RolloutInProgress");
+        assert_eq!(
+            reason(Observed { matched: 3, injected: 1, missing: 2, rollout_disabled: true, ..base.clone() }),
+            "PodsWithoutSidecar"
+        );
+        let skipped = Observed {
+            matched: 3,
+            injected: 1,
+            missing: 1,
+            skipped: 1,
+            skip_reason: Some("spec.volumeMounts[0] names volume \"data\"".into()),
+            ..base
+        };
+        let s = build(&connector(), &skipped, "t");
+        assert_eq!(get(&s, INJECTED).reason, "InjectionSkipped");
+        assert!(get(&s, READY).message.contains("1 could not take it: spec.volumeMounts[0]"), "{:?}", get(&s, READY));
     }
 
     #[test]

@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use http::{Method, Request, Response};
 use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
 use kube::client::Body;
 use kube::core::PartialObjectMeta;
 use kube::runtime::events::{Recorder, Reporter};
@@ -17,7 +18,7 @@ use wallaroo_crds::Connector;
 
 use super::leader::{Elector, LeaseConfig};
 use super::*;
-use crate::inject::names::INJECTED_ANNOTATION;
+use crate::inject::names::{INJECTED_ANNOTATION, SKIPPED_ANNOTATION};
 use crate::inject::tests::test_connectors;
 
 type Handle = tower_test::mock::Handle<Request<Body>, Response<Body>>;
@@ -232,6 +233,73 @@ async fn already_rolled_deployment_is_not_patched_again() {
 }
 
 #[tokio::test]
+async fn new_connector_rolls_the_pods_created_before_it() {
+    let mut f = fixture();
+    let c = connector("celsius-feed");
+    let hash = c.spec.spec_hash();
+    // Runs another Connector's sidecar, but not this one: it was created before celsius-feed existed.
+    add_pods(&mut f.pods, vec![pod("celsius-abc-1", &[("celsius-out", "1111111111111111")], Some("celsius-abc"))]);
+    let key = "connector.wallaroo.dev/celsius-feed";
+    let expect_hash = hash.clone();
+    let steps = vec![
+        step(Method::GET, "/apis/apps/v1/namespaces/apps/replicasets/celsius-abc", 200, replicaset()),
+        step(Method::GET, "/apis/apps/v1/namespaces/apps/deployments/celsius", 200, deployment(json!({}))),
+        checked(
+            step(
+                Method::PATCH,
+                "/apis/apps/v1/namespaces/apps/deployments/celsius",
+                200,
+                deployment(json!({key: hash})),
+            ),
+            move |b| assert_eq!(b["spec"]["template"]["metadata"]["annotations"][key], expect_hash),
+        ),
+        checked(step(Method::POST, "/apis/events.k8s.io/v1/namespaces/apps/events", 201, event_reply()), |b| {
+            assert_eq!(b["reason"], "RolloutTriggered");
+        }),
+        checked(step(Method::PATCH, &format!("{CONNECTORS}/celsius-feed/status"), 200, connector_json(&c)), |b| {
+            let s = &b["status"];
+            assert_eq!((s["matchedPods"].as_i64(), s["injectedPods"].as_i64()), (Some(1), Some(0)));
+            assert_eq!(s["conditions"][2]["reason"], "RolloutInProgress");
+        }),
+    ];
+    let ctx = f.ctx.clone();
+    let (result, _) = run_scenario(f, c, steps).await;
+    assert!(result.is_ok(), "{result:?}");
+    assert_eq!(ctx.metrics.rollouts_total.get(), 1);
+}
+
+#[tokio::test]
+async fn pods_that_refused_this_spec_are_reported_not_rolled() {
+    let mut f = fixture();
+    let c = connector("celsius-feed");
+    let mut refused = pod("celsius-abc-1", &[], Some("celsius-abc"));
+    let skip = json!({"celsius-feed": {"specHash": c.spec.spec_hash(), "reason": "spec.volumeMounts[0] names volume \"data\", which the pod does not have"}});
+    refused.metadata.annotations.get_or_insert_default().insert(SKIPPED_ANNOTATION.into(), skip.to_string());
+    // Refused an older spec: the new one may fit, so this pod is rolled.
+    let mut refused_old = pod("celsius-abc-2", &[], Some("celsius-abc"));
+    let old = json!({"celsius-feed": {"specHash": "0000000000000000", "reason": "old"}});
+    refused_old.metadata.annotations.get_or_insert_default().insert(SKIPPED_ANNOTATION.into(), old.to_string());
+    add_pods(&mut f.pods, vec![refused, refused_old]);
+    let steps = vec![
+        step(Method::GET, "/apis/apps/v1/namespaces/apps/replicasets/celsius-abc", 200, replicaset()),
+        step(Method::GET, "/apis/apps/v1/namespaces/apps/deployments/celsius", 200, deployment(json!({}))),
+        step(Method::PATCH, "/apis/apps/v1/namespaces/apps/deployments/celsius", 200, deployment(json!({}))),
+        step(Method::POST, "/apis/events.k8s.io/v1/namespaces/apps/events", 201, event_reply()),
+        checked(step(Method::PATCH, &format!("{CONNECTORS}/celsius-feed/status"), 200, connector_json(&c)), |b| {
+            let injected = &b["status"]["conditions"][2];
+            assert_eq!(injected["reason"], "InjectionSkipped");
+            let m = injected["message"].as_str().unwrap_or_default();
+            assert!(
+                m.contains("0 of 2 matching pods run the current spec; 1 could not take it: spec.volumeMounts[0]"),
+                "{m}"
+            );
+        }),
+    ];
+    let (result, _) = run_scenario(f, c, steps).await;
+    assert!(result.is_ok(), "{result:?}");
+}
+
+#[tokio::test]
 async fn missing_secret_makes_it_invalid_and_blocks_rollouts() {
     let mut f = fixture();
     let c = connector("celsius-out");
@@ -374,12 +442,23 @@ fn cached_metadata_keeps_only_what_is_read() {
         .annotations
         .get_or_insert_default()
         .insert("kubectl.kubernetes.io/last-applied-configuration".into(), "{}".into());
+    p.metadata.annotations.get_or_insert_default().insert(SKIPPED_ANNOTATION.into(), "{}".into());
     p.metadata.managed_fields = Some(vec![Default::default()]);
+    p.metadata.uid = Some("u".into());
+    p.metadata.resource_version = Some("7".into());
+    p.metadata.generate_name = Some("celsius-abc-".into());
+    let mut refs = p.metadata.owner_references.clone().expect("owner");
+    refs.push(OwnerReference { controller: None, ..refs[0].clone() });
+    p.metadata.owner_references = Some(refs);
     slim_pod_metadata(&mut p.metadata);
     let ann = p.metadata.annotations.as_ref().expect("annotations");
-    assert_eq!(ann.keys().collect::<Vec<_>>(), [INJECTED_ANNOTATION]);
+    assert_eq!(ann.keys().collect::<Vec<_>>(), [INJECTED_ANNOTATION, SKIPPED_ANNOTATION]);
     assert!(p.metadata.managed_fields.is_none());
-    assert!(p.metadata.labels.is_some() && p.metadata.owner_references.is_some());
+    assert!(p.metadata.uid.is_none() && p.metadata.resource_version.is_none() && p.metadata.generate_name.is_none());
+    assert!(p.metadata.labels.is_some());
+    let owners = p.metadata.owner_references.as_ref().expect("owner kept");
+    assert_eq!(owners.len(), 1, "only the controlling owner");
+    assert_eq!((owners[0].kind.as_str(), owners[0].name.as_str(), owners[0].uid.as_str()), ("ReplicaSet", "rs", ""));
     let mut bare = pod("y", &[], None);
     bare.metadata.annotations = Some([("other".to_string(), "v".to_string())].into());
     slim_pod_metadata(&mut bare.metadata);

@@ -2,8 +2,8 @@
 use std::collections::BTreeMap;
 
 use k8s_openapi::api::core::v1::{
-    Capabilities, Container, ContainerPort, EnvVar, EnvVarSource, HTTPGetAction, ObjectFieldSelector, Probe,
-    ResourceRequirements, SecretKeySelector, SecurityContext,
+    Capabilities, Container, ContainerPort, EnvVar, EnvVarSource, HTTPGetAction, ObjectFieldSelector, PodSpec, Probe,
+    ResourceRequirements, SecretKeySelector, SecurityContext, VolumeMount,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
@@ -65,6 +65,43 @@ fn http_probe(path: &str, port: u16, period: i32, failures: i32) -> Probe {
     }
 }
 
+/// Why the Connector cannot run in this pod as far as volumes go: a mount names a volume the pod lacks, or a file
+/// the connector reads or writes would be on the sidecar's read-only image instead of a pod volume.
+pub fn check_volumes(c: &Connector, pod: &PodSpec) -> Result<(), String> {
+    for (i, m) in c.spec.volume_mounts.iter().enumerate() {
+        if !pod.volumes.iter().flatten().any(|v| v.name == m.name) {
+            return Err(format!(
+                "spec.volumeMounts[{i}] names volume {:?}, which the pod does not have; add it to the pod's spec.volumes",
+                m.name
+            ));
+        }
+    }
+    for (field, path) in c.spec.local_paths() {
+        if c.spec.mount_for(path).is_none() {
+            return Err(format!(
+                "{field} {path:?} is not under any spec.volumeMounts mountPath; mount the pod volume that holds it"
+            ));
+        }
+    }
+    Ok(())
+}
+
+fn volume_mounts(c: &Connector) -> Option<Vec<VolumeMount>> {
+    let mounts: Vec<VolumeMount> = c
+        .spec
+        .volume_mounts
+        .iter()
+        .map(|m| VolumeMount {
+            name: m.name.clone(),
+            mount_path: m.mount_path.clone(),
+            read_only: m.read_only.then_some(true),
+            sub_path: m.sub_path.clone(),
+            ..VolumeMount::default()
+        })
+        .collect();
+    (!mounts.is_empty()).then_some(mounts)
+}
+
 pub fn sidecar(c: &Connector, namespace: &str, cfg: &InjectConfig) -> Result<Container, serde_json::Error> {
     let name = c.metadata.name.as_deref().unwrap_or_default();
     let mut env = vec![
@@ -109,6 +146,7 @@ pub fn sidecar(c: &Connector, namespace: &str, cfg: &InjectConfig) -> Result<Con
             ..SecurityContext::default()
         }),
         termination_message_policy: Some("FallbackToLogsOnError".to_string()),
+        volume_mounts: volume_mounts(c),
         ..Container::default()
     })
 }

@@ -12,7 +12,7 @@ use kube::api::ObjectMeta;
 use wallaroo_crds::Connector;
 
 pub use container::connector_json;
-use names::{CONNECTOR_ENV, INJECTED_ANNOTATION, container_name};
+use names::{CONNECTOR_ENV, INJECTED_ANNOTATION, SKIPPED_ANNOTATION, container_name};
 
 /// Seconds the pod keeps for the main container after the sidecars' drain budget.
 const GRACE_MARGIN_SECONDS: i64 = 5;
@@ -92,6 +92,23 @@ pub fn matching<'a>(meta: &ObjectMeta, connectors: impl IntoIterator<Item = &'a 
     out
 }
 
+/// A matching Connector the pod did not take, as recorded on the pod.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Skip {
+    pub spec_hash: String,
+    pub reason: String,
+}
+
+/// The `{connector: skip}` map recorded on a pod, empty when absent or unreadable.
+pub fn skipped_annotation(meta: &ObjectMeta) -> BTreeMap<String, Skip> {
+    meta.annotations
+        .as_ref()
+        .and_then(|a| a.get(SKIPPED_ANNOTATION))
+        .and_then(|v| serde_json::from_str(v).ok())
+        .unwrap_or_default()
+}
+
 /// The `{connector: spec hash}` map recorded on a pod, empty when absent or unreadable.
 pub fn injected_annotation(meta: &ObjectMeta) -> BTreeMap<String, String> {
     meta.annotations
@@ -169,6 +186,10 @@ pub fn inject_pod(
             out.skipped.push((name, format!("the pod already has a container named {cname}")));
             continue;
         }
+        if let Err(why) = container::check_volumes(c, spec) {
+            out.skipped.push((name, why));
+            continue;
+        }
         let sidecar = container::sidecar(c, namespace, cfg)
             .map_err(|source| InjectError::Encode { name: name.clone(), source })?;
         place(spec, sidecar, cfg.native_sidecars);
@@ -193,14 +214,29 @@ pub fn inject_pod(
         spec.init_containers = None;
     }
 
+    let skips: BTreeMap<&str, Skip> = out
+        .skipped
+        .iter()
+        .map(|(n, why)| {
+            let spec_hash = connectors
+                .iter()
+                .find(|c| c.metadata.name.as_deref() == Some(n.as_str()))
+                .map(|c| c.spec.spec_hash())
+                .unwrap_or_default();
+            (n.as_str(), Skip { spec_hash, reason: why.clone() })
+        })
+        .collect();
     let annotations = meta.annotations.get_or_insert_default();
-    if out.injected.is_empty() {
-        annotations.remove(INJECTED_ANNOTATION);
-    } else {
-        // BTreeMap serialization cannot fail; the fallback keeps the function total without a panic path.
-        let value = serde_json::to_string(&out.injected).unwrap_or_default();
-        annotations.insert(INJECTED_ANNOTATION.to_string(), value);
-    }
+    // Map serialization cannot fail; the fallback keeps the function total without a panic path.
+    let mut record = |key: &str, value: Option<String>| match value {
+        Some(v) => annotations.insert(key.to_string(), v),
+        None => annotations.remove(key),
+    };
+    record(
+        INJECTED_ANNOTATION,
+        (!out.injected.is_empty()).then(|| serde_json::to_string(&out.injected).unwrap_or_default()),
+    );
+    record(SKIPPED_ANNOTATION, (!skips.is_empty()).then(|| serde_json::to_string(&skips).unwrap_or_default()));
     if annotations.is_empty() {
         meta.annotations = None;
     }

@@ -7,6 +7,9 @@ use sha2::{Digest, Sha256};
 
 /// Pod annotation: JSON object `{connector name: spec hash}` of the sidecars injected into the pod.
 pub const INJECTED_ANNOTATION: &str = "wallaroo.dev/injected";
+/// Pod annotation: JSON object `{connector name: {"specHash": ..., "reason": ...}}` of matching Connectors the pod
+/// could not take, so the controller can report why and knows not to roll the pod again for the same spec.
+pub const SKIPPED_ANNOTATION: &str = "wallaroo.dev/skipped";
 /// Pod label that opts a pod into injection; the webhook's object selector matches on it.
 pub const INJECT_LABEL: &str = "wallaroo.dev/inject";
 /// Prefix of the pod-template annotation that carries a Connector's spec hash and so drives rollouts.

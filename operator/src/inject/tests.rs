@@ -106,8 +106,37 @@ fn name_clash_skips_that_connector_with_a_warning() {
 }
 
 #[test]
+fn file_connectors_mount_pod_volumes_or_are_skipped_with_the_reason() {
+    for native in [true, false] {
+        let (pod, out) = golden("volumes-pod", native);
+        assert_eq!(out.injected.keys().collect::<Vec<_>>(), ["ledger-in", "ledger-out"]);
+        let warnings = out.warnings().join("\n");
+        assert!(warnings.contains("ledger-missing-volume not injected: spec.volumeMounts[0] names volume \"audit\""));
+        assert!(warnings.contains("ledger-unmounted not injected: spec.sink.file.dir \"/outside/copy\" is not under"));
+        let spec = pod.spec.as_ref().expect("spec");
+        let all: Vec<&k8s_openapi::api::core::v1::Container> =
+            spec.init_containers.iter().flatten().chain(spec.containers.iter()).collect();
+        let mounts = |name: &str| {
+            let c = all.iter().find(|c| c.name == name).unwrap_or_else(|| panic!("{name} missing"));
+            c.volume_mounts.clone().unwrap_or_default()
+        };
+        let input = mounts("ledger-in");
+        assert_eq!(
+            (input[0].name.as_str(), input[0].mount_path.as_str(), input[0].sub_path.as_deref(), input[0].read_only),
+            ("ledger-data", "/data/in", Some("incoming"), Some(true))
+        );
+        let output = mounts("ledger-out");
+        assert_eq!(
+            (output[0].name.as_str(), output[0].mount_path.as_str(), output[0].read_only),
+            ("results", "/out", None)
+        );
+        assert!(mounts("worker").iter().all(|m| m.mount_path != "/out"), "the worker's mounts are its own");
+    }
+}
+
+#[test]
 fn reinvocation_is_idempotent() {
-    for case in ["plain-pod", "init-and-sidecar-pod", "name-clash-pod"] {
+    for case in ["plain-pod", "init-and-sidecar-pod", "name-clash-pod", "volumes-pod"] {
         for native in [true, false] {
             let mut pod: Pod = serde_yaml::from_str(&read(&format!("{case}.yaml"))).expect("pod");
             run(&mut pod, &test_connectors(), native);
