@@ -19,13 +19,14 @@ from k8slib import ROOT, Results, build_operator  # noqa: E402
 CHART = os.path.join(ROOT, "charts", "wallaroo-connectors")
 KUBE_VERSION = "1.30.0"
 # Kinds from other projects' CRDs; kubernetes-validate has no schema for them.
-FOREIGN = {"Certificate", "Issuer", "ServiceMonitor"}
+FOREIGN = {"Certificate", "Issuer", "ServiceMonitor", "PodMonitor"}
 
 SCENARIOS = {
     "defaults": {},
-    "cert-manager, ServiceMonitor, one namespace": {
+    "cert-manager, ServiceMonitor, PodMonitor, one namespace": {
         "certs": {"mode": "cert-manager"},
-        "metrics": {"serviceMonitor": {"enabled": True, "labels": {"release": "prom"}}},
+        "metrics": {"serviceMonitor": {"enabled": True, "labels": {"release": "prom"}},
+                    "podMonitor": {"enabled": True, "labels": {"release": "prom"}}},
         "watchNamespaces": ["apps"],
     },
     "two namespaces, Ignore, no leader election, regular sidecars": {
@@ -121,6 +122,16 @@ def main():
                 not any("secrets" in rule["resources"] and set(rule["verbs"]) & {"list", "watch"} for rule in rules))
         r.check(f"ServiceMonitor toggle ({label})",
                 bool(find(docs, "ServiceMonitor")) == values.get("metrics", {}).get("serviceMonitor", {}).get("enabled", False))
+        pm = find(docs, "PodMonitor")
+        r.check(f"PodMonitor toggle ({label})",
+                bool(pm) == values.get("metrics", {}).get("podMonitor", {}).get("enabled", False))
+        if pm:
+            spec = pm[0]["spec"]
+            keep = [x for x in spec["podMetricsEndpoints"][0]["relabelings"] if x["action"] == "keep"]
+            r.check(f"PodMonitor scrapes opted-in pods' wcm-* ports in the watched namespaces ({label})",
+                    spec["selector"]["matchLabels"] == {"wallaroo.dev/inject": "true"}
+                    and keep and keep[0]["regex"] == "wcm-.+"
+                    and spec["namespaceSelector"] == ({"matchNames": ns} if ns else {"any": True}), spec)
         if ns:
             sel = hooks["namespaceSelector"]["matchExpressions"]
             r.check(f"webhook restricted to watched namespaces ({label})",

@@ -14,6 +14,9 @@ operator relies on:
   `test`), DELETE (finalizers -> deletionTimestamp; removal when the last finalizer goes)
 * metadata-only requests (Accept: ...;as=PartialObjectMetadata[List]) as kube-rs sends for PartialObjectMeta<K>
 * /version (configurable), Status errors with reason and code
+* for kubectl: legacy discovery (/api, /apis, /api/v1, /apis/<group>/<version>, short names and categories from
+  stored CRDs) and server-side printing (`as=Table`, a stored CRD's additionalPrinterColumns evaluated on the
+  objects)
 
 Run: python3 emulator.py --port 0 --port-file /tmp/port [--seed objects.yaml] [--version 1.30]
 """
@@ -273,6 +276,115 @@ class Store:
         return old
 
 
+SHORT_NAMES = {("", "pods"): ["po"], ("", "secrets"): [], ("", "services"): ["svc"], ("", "namespaces"): ["ns"],
+               ("", "configmaps"): ["cm"], ("", "events"): ["ev"], ("apps", "deployments"): ["deploy"],
+               ("apps", "replicasets"): ["rs"], ("apps", "statefulsets"): ["sts"], ("apps", "daemonsets"): ["ds"],
+               ("apiextensions.k8s.io", "customresourcedefinitions"): ["crd", "crds"]}
+
+
+def crd_for(store, group, plural):
+    """The stored CustomResourceDefinition of a custom resource, if one was created (kubectl reads its columns)."""
+    return store.objects.get(("apiextensions.k8s.io", "customresourcedefinitions", None, f"{plural}.{group}"))
+
+
+def discovery(store, path):
+    """Legacy (non-aggregated) discovery documents, as kubectl falls back to them: /api, /apis, /api/v1, /apis/g/v."""
+    gvs = {}
+    for (group, plural), (g, v, kind, namespaced, has_status) in RESOURCES.items():
+        gvs.setdefault((g, v), []).append((group, plural, kind, namespaced, has_status))
+    if path == "/api":
+        return {"kind": "APIVersions", "apiVersion": "v1", "versions": ["v1"],
+                "serverAddressByClientCIDRs": [{"clientCIDR": "0.0.0.0/0", "serverAddress": "127.0.0.1"}]}
+    if path == "/apis":
+        groups = [{"name": g, "versions": [{"groupVersion": f"{g}/{v}", "version": v}],
+                   "preferredVersion": {"groupVersion": f"{g}/{v}", "version": v}}
+                  for (g, v) in sorted(gvs) if g]
+        return {"kind": "APIGroupList", "apiVersion": "v1", "groups": groups}
+    parts = [p for p in path.split("/") if p]
+    if parts == ["api", "v1"]:
+        gv = ("", "v1")
+    elif len(parts) == 3 and parts[0] == "apis" and (parts[1], parts[2]) in gvs:
+        gv = (parts[1], parts[2])
+    elif len(parts) == 2 and parts[0] == "apis" and any(g == parts[1] for g, _ in gvs):
+        v = next(v for g, v in gvs if g == parts[1])
+        return {"kind": "APIGroup", "apiVersion": "v1", "name": parts[1],
+                "versions": [{"groupVersion": f"{parts[1]}/{v}", "version": v}],
+                "preferredVersion": {"groupVersion": f"{parts[1]}/{v}", "version": v}}
+    else:
+        return None
+    verbs = ["create", "delete", "get", "list", "patch", "update", "watch"]
+    resources = []
+    for group, plural, kind, namespaced, has_status in sorted(gvs[gv], key=lambda r: r[1]):
+        names = crd_for(store, group, plural)
+        crd_names = (names or {}).get("spec", {}).get("names", {})
+        resources.append({"name": plural, "singularName": crd_names.get("singular", kind.lower()),
+                          "namespaced": namespaced, "kind": kind, "verbs": verbs,
+                          "shortNames": crd_names.get("shortNames", SHORT_NAMES.get((group, plural), [])),
+                          **({"categories": crd_names["categories"]} if crd_names.get("categories") else {})})
+        if has_status:
+            resources.append({"name": f"{plural}/status", "singularName": "", "namespaced": namespaced, "kind": kind,
+                              "verbs": ["get", "patch", "update"]})
+    return {"kind": "APIResourceList", "apiVersion": "v1",
+            "groupVersion": f"{gv[0]}/{gv[1]}" if gv[0] else gv[1], "resources": resources}
+
+
+JSONPATH_FILTER = re.compile(r'^(\w+)\[\?\(@\.(\w+)==["\']([^"\']*)["\']\)\]$')
+
+
+def jsonpath(obj, expr):
+    """The subset of JSONPath that printer columns use: `.a.b`, and `.a[?(@.k=="v")].b`."""
+    cur = [obj]
+    for part in [p for p in re.split(r"\.(?![^\[]*\])", expr) if p]:
+        m = JSONPATH_FILTER.match(part)
+        nxt = []
+        for c in cur:
+            if not isinstance(c, dict):
+                continue
+            if m:
+                nxt += [x for x in c.get(m.group(1)) or [] if isinstance(x, dict) and str(x.get(m.group(2))) == m.group(3)]
+            elif part in c:
+                nxt.append(c[part])
+        cur = nxt
+    return cur[0] if cur else None
+
+
+def age(ts):
+    try:
+        then = datetime.datetime.strptime(ts, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=datetime.timezone.utc)
+    except (TypeError, ValueError):
+        return "<unknown>"
+    secs = int((datetime.datetime.now(datetime.timezone.utc) - then).total_seconds())
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if secs >= 2 * size:
+            return f"{secs // size}{unit}"
+    return f"{secs}s"
+
+
+def as_table(store, group, plural, objs, list_meta):
+    """meta.k8s.io/v1 Table as the API server renders it for `kubectl get`: a CRD's additionalPrinterColumns, or
+    NAME and AGE."""
+    crd = crd_for(store, group, plural)
+    cols = []
+    if crd:
+        for ver in crd["spec"].get("versions", []):
+            if ver.get("served"):
+                cols = ver.get("additionalPrinterColumns", [])
+                break
+    defs = [{"name": "Name", "type": "string", "format": "name", "description": "", "priority": 0}]
+    defs += [{"name": c["name"], "type": c["type"], "format": "", "description": c.get("description", ""),
+              "priority": c.get("priority", 0)} for c in cols] or [
+        {"name": "Age", "type": "date", "format": "", "description": "", "priority": 0}]
+    rows = []
+    for o in objs:
+        cells = [o["metadata"]["name"]]
+        for c in cols or [{"type": "date", "jsonPath": ".metadata.creationTimestamp"}]:
+            v = jsonpath(o, c["jsonPath"])
+            cells.append(age(v) if c["type"] == "date" else ("<none>" if v is None else v))
+        rows.append({"cells": cells, "object": as_metadata(o)})
+    return {"kind": "Table", "apiVersion": "meta.k8s.io/v1", "metadata": list_meta, "columnDefinitions": defs,
+            "rows": rows}
+
+
 def as_metadata(obj):
     return {"apiVersion": "meta.k8s.io/v1", "kind": "PartialObjectMetadata", "metadata": obj["metadata"]}
 
@@ -348,12 +460,19 @@ class Handler(BaseHTTPRequestHandler):
                                     "platform": "linux/amd64"})
         if url.path in ("/healthz", "/readyz", "/livez"):
             return self._send(200, "ok")
+        if method == "GET":
+            with st.lock:
+                doc = discovery(st, url.path.rstrip("/"))
+            if doc is not None:
+                return self._send(200, doc)
         parsed = parse_path(url.path)
         if parsed is None:
             raise ApiError(404, "NotFound", f"the server could not find the requested resource ({url.path})")
         group, plural, ns, name, sub = parsed
         g, v, kind, namespaced, _ = RESOURCES[(group, plural)]
-        meta_only = "as=PartialObjectMetadata" in self.headers.get("Accept", "")
+        accept = self.headers.get("Accept", "")
+        meta_only = "as=PartialObjectMetadata" in accept
+        table = "as=Table" in accept
         if method == "GET" and name is None and q.get("watch") in ("1", "true"):
             return self._watch(group, plural, ns if namespaced else None, q, meta_only)
         with st.lock:
@@ -380,6 +499,8 @@ class Handler(BaseHTTPRequestHandler):
                 if limit and offset + limit < len(items):
                     meta["continue"] = f"{offset + limit}:{list_rv}"
                     meta["remainingItemCount"] = len(items) - offset - limit
+                if table:
+                    return self._send(200, as_table(st, group, plural, page, meta))
                 page = [as_metadata(o) if meta_only else o for o in page]
                 out = {"apiVersion": "meta.k8s.io/v1" if meta_only else (f"{g}/{v}" if g else v),
                        "kind": "PartialObjectMetadataList" if meta_only else f"{kind}List",
@@ -388,6 +509,8 @@ class Handler(BaseHTTPRequestHandler):
             key_ns = ns if namespaced else None
             if method == "GET":
                 obj = st.get(group, plural, key_ns, name)
+                if table:
+                    return self._send(200, as_table(st, group, plural, [obj], {"resourceVersion": str(st.rv)}))
                 return self._send(200, as_metadata(obj) if meta_only else obj)
             body = self._body()
             if method == "POST" and name is None:

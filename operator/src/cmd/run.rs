@@ -18,6 +18,7 @@ use wallaroo_crds::Connector;
 use wallaroo_operator::admin::{self, Health};
 use wallaroo_operator::connector_cache::ConnectorCache;
 use wallaroo_operator::controller::leader::{Elector, LeaseConfig};
+use wallaroo_operator::controller::pods::PodIndex;
 use wallaroo_operator::controller::{self, Context};
 use wallaroo_operator::inject::SidecarMode;
 use wallaroo_operator::metrics::Metrics;
@@ -166,16 +167,15 @@ async fn controller_loop(ctx_parts: ControllerParts, mut leading: watch::Receive
             r = leading.wait_for(|l| *l) => if r.is_err() { return },
         }
         // Start from a complete cache, so the first reconciles see every Connector.
-        let store = ctx_parts.connectors.store();
+        let mut synced = ctx_parts.synced.clone();
         tokio::select! {
             _ = shutdown.cancelled() => return,
-            r = store.wait_until_ready() => if r.is_err() { return },
+            r = synced.wait_for(|s| *s) => if r.is_err() { return },
         }
         tracing::info!("leading: starting the controller");
-        let (pods, writer) = reflector::store();
         let ctx = Arc::new(Context {
             client: ctx_parts.client.clone(),
-            pods,
+            pods: PodIndex::default(),
             recorder: ctx_parts.recorder.clone(),
             metrics: ctx_parts.metrics.clone(),
             namespaces: ctx_parts.namespaces.clone(),
@@ -195,7 +195,7 @@ async fn controller_loop(ctx_parts: ControllerParts, mut leading: watch::Receive
                 stop.cancel();
             })
         };
-        controller::run(ctx, &ctx_parts.connectors, writer, async move { stop_on.cancelled().await }).await;
+        controller::run(ctx, &ctx_parts.connectors, async move { stop_on.cancelled().await }).await;
         watch_stop.abort();
         if shutdown.is_cancelled() {
             return;
@@ -206,6 +206,7 @@ async fn controller_loop(ctx_parts: ControllerParts, mut leading: watch::Receive
 struct ControllerParts {
     client: Client,
     connectors: ConnectorCache,
+    synced: watch::Receiver<bool>,
     recorder: Recorder,
     metrics: Metrics,
     namespaces: Option<BTreeSet<String>>,
@@ -236,6 +237,9 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let (connectors, watch) = ConnectorCache::watch(controller::scoped::<Connector>(&client, &namespaces));
     let reflector_task = tokio::spawn(watch);
     let connector_store = connectors.store();
+    // One waiter only: kube's Store::wait_until_ready wakes just the most recent of concurrent waiters, so
+    // everyone else learns of the sync from this channel.
+    let (synced_tx, synced_rx) = watch::channel(false);
     {
         let store = connector_store.clone();
         let health = health.clone();
@@ -243,6 +247,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
             if store.wait_until_ready().await.is_ok() {
                 health.connectors_synced.store(true, Ordering::Relaxed);
                 tracing::info!("Connector cache synced");
+                let _ = synced_tx.send(true);
             }
         });
     }
@@ -329,6 +334,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let parts = ControllerParts {
         client: client.clone(),
         connectors,
+        synced: synced_rx,
         recorder,
         metrics,
         namespaces,

@@ -1,5 +1,6 @@
 //! The Connector controller (kube-runtime): watches Connectors and the metadata of opted-in pods, and reconciles.
 pub mod leader;
+pub mod pods;
 mod reconcile;
 pub mod rollout;
 pub mod status;
@@ -8,28 +9,28 @@ use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures::StreamExt;
+use futures::{StreamExt, TryStreamExt};
 use k8s_openapi::api::core::v1::Pod;
-use kube::api::ObjectMeta;
 use kube::core::PartialObjectMeta;
 use kube::runtime::controller::{Action, Config as ControllerConfig, Controller};
 use kube::runtime::events::Recorder;
 use kube::runtime::reflector::{ObjectRef, Store};
-use kube::runtime::{WatchStreamExt, reflector, watcher};
+use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client, ResourceExt};
 use wallaroo_crds::Connector;
 
 use crate::connector_cache::ConnectorCache;
-use crate::inject::names::{INJECT_LABEL, INJECTED_ANNOTATION, SKIPPED_ANNOTATION};
+use crate::inject::names::INJECT_LABEL;
 use crate::inject::{injected_annotation, matching};
 use crate::metrics::Metrics;
+use pods::PodIndex;
 
 pub use reconcile::{FINALIZER, REMOVED, reconcile};
 
 pub struct Context {
     pub client: Client,
-    /// Metadata of pods labelled for injection; labels and annotations are all the controller reads.
-    pub pods: Store<PartialObjectMeta<Pod>>,
+    /// Pods labelled for injection, as much of them as reconciles read.
+    pub pods: PodIndex,
     pub recorder: Recorder,
     pub metrics: Metrics,
     /// `None` watches every namespace.
@@ -95,33 +96,6 @@ pub fn connectors_for_pod(store: &Store<Connector>, pod: &PartialObjectMeta<Pod>
     names.into_iter().map(|n| ObjectRef::new(&n).within(ns)).collect()
 }
 
-/// Drops what the controller never reads from cached pod metadata: managedFields and every annotation but the
-/// injection records (`kubectl apply` alone can add kilobytes per object).
-pub fn slim_pod_metadata(m: &mut ObjectMeta) {
-    m.managed_fields = None;
-    // The cache is keyed by namespace/name and the watch tracks resource versions before this runs, so none of
-    // these is read again; with thousands of pods they add up.
-    m.uid = None;
-    m.resource_version = None;
-    m.creation_timestamp = None;
-    m.generate_name = None;
-    m.finalizers = None;
-    if let Some(refs) = m.owner_references.as_mut() {
-        // Rollouts follow the controlling owner by kind and name only.
-        refs.retain(|r| r.controller == Some(true));
-        for r in refs.iter_mut() {
-            r.uid = String::new();
-            r.block_owner_deletion = None;
-        }
-    }
-    if let Some(a) = m.annotations.as_mut() {
-        a.retain(|k, _| k == INJECTED_ANNOTATION || k == SKIPPED_ANNOTATION);
-    }
-    if m.annotations.as_ref().is_some_and(|a| a.is_empty()) {
-        m.annotations = None;
-    }
-}
-
 /// An API handle for one namespace when exactly one is watched, else cluster-wide.
 pub fn scoped<K>(client: &Client, namespaces: &Option<BTreeSet<String>>) -> Api<K>
 where
@@ -138,15 +112,16 @@ where
 pub async fn run(
     ctx: Arc<Context>,
     connectors: &ConnectorCache,
-    pod_writer: reflector::store::Writer<PartialObjectMeta<Pod>>,
     shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
 ) {
     let pods: Api<PartialObjectMeta<Pod>> = scoped(&ctx.client, &ctx.namespaces);
     let pod_cfg = watcher::Config::default().labels(&format!("{INJECT_LABEL}=true"));
     let pod_events = watcher(pods, pod_cfg)
         .default_backoff()
-        .modify(|p: &mut PartialObjectMeta<Pod>| slim_pod_metadata(&mut p.metadata))
-        .reflect(pod_writer)
+        .inspect_ok({
+            let index = ctx.pods.clone();
+            move |ev| index.apply(ev)
+        })
         .touched_objects();
     let controller = Controller::for_shared_stream(connectors.triggers(), connectors.store())
         .with_config(ControllerConfig::default().debounce(Duration::from_millis(500)).concurrency(8));

@@ -3,9 +3,8 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use k8s_openapi::api::core::v1::{Pod, Secret};
+use k8s_openapi::api::core::v1::Secret;
 use kube::api::{Patch, PatchParams};
-use kube::core::PartialObjectMeta;
 use kube::runtime::controller::Action;
 use kube::runtime::events::{Event, EventType};
 use kube::runtime::finalizer::{Event as Finalizer, finalizer};
@@ -13,10 +12,11 @@ use kube::{Api, Resource, ResourceExt};
 use serde_json::json;
 use wallaroo_crds::Connector;
 
+use super::pods::PodEntry;
 use super::status::{self, Observed, VALID};
 use super::{Context, Error, rollout};
-use crate::inject::names::template_annotation_key;
-use crate::inject::{injected_annotation, selector, skipped_annotation, wants_injection};
+use crate::inject::names::{INJECT_LABEL, template_annotation_key};
+use crate::inject::selector;
 
 pub const FINALIZER: &str = "wallaroo.dev/rollout";
 /// Template annotation value written when a Connector is deleted, so its sidecar leaves the pods.
@@ -28,6 +28,10 @@ pub async fn reconcile(c: Arc<Connector>, ctx: Arc<Context>) -> Result<Action, E
     let ns = c.namespace().ok_or(Error::NoNamespace)?;
     if !ctx.watches(&ns) {
         return Ok(Action::await_change());
+    }
+    // Until the pod list is complete, "no matching pods" would be a guess written into the status.
+    if !ctx.pods.is_ready() {
+        return Ok(Action::requeue(Duration::from_secs(1)));
     }
     let _timer = ctx.metrics.reconcile_duration_seconds.start_timer();
     ctx.metrics.reconcile_total.inc();
@@ -42,21 +46,16 @@ pub async fn reconcile(c: Arc<Connector>, ctx: Arc<Context>) -> Result<Action, E
     .map_err(|e| Error::Finalizer(Box::new(e)))
 }
 
-/// Pods of the namespace that opted in and match the Connector's selector.
-fn matched_pods(c: &Connector, ctx: &Context, ns: &str) -> Vec<Arc<PartialObjectMeta<Pod>>> {
+/// Pods of the namespace that opted in and match the Connector's selector, by name.
+fn matched_pods(c: &Connector, ctx: &Context, ns: &str) -> Vec<Arc<PodEntry>> {
     let Some(sel) = c.spec.selector.as_ref() else {
         return Vec::new();
     };
-    let mut pods: Vec<_> = ctx
-        .pods
-        .state()
+    ctx.pods
+        .in_namespace(ns)
         .into_iter()
-        .filter(|p| p.metadata.namespace.as_deref() == Some(ns))
-        .filter(|p| p.metadata.deletion_timestamp.is_none())
-        .filter(|p| wants_injection(&p.metadata) && selector::matches(sel, p.metadata.labels.as_ref()))
-        .collect();
-    pods.sort_by(|a, b| a.metadata.name.cmp(&b.metadata.name));
-    pods
+        .filter(|p| !p.deleting && p.label(INJECT_LABEL) == Some("true") && p.matches(sel))
+        .collect()
 }
 
 /// Missing Secrets and keys, one message each. Other API errors abort the reconcile (and retry).
@@ -96,21 +95,15 @@ async fn publish(ctx: &Context, c: &Connector, type_: EventType, reason: &str, a
 }
 
 /// Rolls the owners of `pods`, setting the Connector's template annotation to `value`.
-async fn roll_owners(
-    c: &Connector,
-    ctx: &Context,
-    ns: &str,
-    pods: &[Arc<PartialObjectMeta<Pod>>],
-    value: &str,
-) -> Result<(), Error> {
+async fn roll_owners(c: &Connector, ctx: &Context, ns: &str, pods: &[Arc<PodEntry>], value: &str) -> Result<(), Error> {
     let name = c.name_any();
     let key = template_annotation_key(&name);
     let mut owners = Vec::new();
     let mut bare = Vec::new();
     for p in pods {
-        match rollout::owner(&ctx.client, ns, p.metadata.owner_references.as_ref()).await.map_err(Error::Kube)? {
+        match rollout::owner(&ctx.client, ns, p.owner.as_ref()).await.map_err(Error::Kube)? {
             Some(w) => owners.push(w),
-            None => bare.push(p.name_any()),
+            None => bare.push(p.name.to_string()),
         }
     }
     for w in rollout::distinct(owners) {
@@ -149,13 +142,13 @@ async fn apply(c: Arc<Connector>, ctx: &Context, ns: &str) -> Result<Action, Err
     let pods = matched_pods(&c, ctx, ns);
     obs.matched = i32::try_from(pods.len()).unwrap_or(i32::MAX);
     for p in &pods {
-        match injected_annotation(&p.metadata).get(&name) {
-            Some(h) if *h == hash => obs.injected += 1,
+        match p.injected(&name) {
+            Some(h) if h == hash => obs.injected += 1,
             Some(_) => {
                 obs.outdated += 1;
                 to_roll.push(p.clone());
             }
-            None => match skipped_annotation(&p.metadata).remove(&name) {
+            None => match p.skipped(&name) {
                 Some(skip) if skip.spec_hash == hash => {
                     obs.skipped += 1;
                     obs.skip_reason.get_or_insert(skip.reason);
@@ -193,13 +186,8 @@ async fn apply(c: Arc<Connector>, ctx: &Context, ns: &str) -> Result<Action, Err
 async fn cleanup(c: Arc<Connector>, ctx: &Context, ns: &str) -> Result<Action, Error> {
     let name = c.name_any();
     if c.spec.restart_on_change != Some(false) {
-        let running: Vec<_> = ctx
-            .pods
-            .state()
-            .into_iter()
-            .filter(|p| p.metadata.namespace.as_deref() == Some(ns) && p.metadata.deletion_timestamp.is_none())
-            .filter(|p| injected_annotation(&p.metadata).contains_key(&name))
-            .collect();
+        let running: Vec<_> =
+            ctx.pods.in_namespace(ns).into_iter().filter(|p| !p.deleting && p.injected(&name).is_some()).collect();
         if !running.is_empty() {
             roll_owners(&c, ctx, ns, &running, REMOVED).await?;
         }

@@ -6,6 +6,8 @@ use k8s_openapi::api::apps::v1::{DaemonSet, Deployment, ReplicaSet, StatefulSet}
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
 use kube::api::{Patch, PatchParams};
 use kube::{Api, Client};
+
+use super::pods::Owner;
 use serde_json::json;
 
 /// A workload whose pod template can be rolled.
@@ -34,17 +36,17 @@ fn controller_of(refs: Option<&Vec<OwnerReference>>) -> Option<&OwnerReference> 
 pub async fn owner(
     client: &Client,
     namespace: &str,
-    pod_owners: Option<&Vec<OwnerReference>>,
+    pod_owner: Option<&Owner>,
 ) -> Result<Option<Workload>, kube::Error> {
-    let Some(o) = controller_of(pod_owners) else {
+    let Some(o) = pod_owner else {
         return Ok(None);
     };
     if !o.api_version.starts_with("apps/") {
         return Ok(None);
     }
-    Ok(match o.kind.as_str() {
-        "StatefulSet" => Some(Workload::StatefulSet(o.name.clone())),
-        "DaemonSet" => Some(Workload::DaemonSet(o.name.clone())),
+    Ok(match &*o.kind {
+        "StatefulSet" => Some(Workload::StatefulSet(o.name.to_string())),
+        "DaemonSet" => Some(Workload::DaemonSet(o.name.to_string())),
         "ReplicaSet" => {
             let rs: Api<ReplicaSet> = Api::namespaced(client.clone(), namespace);
             rs.get_opt(&o.name).await?.and_then(|rs| {

@@ -6,7 +6,6 @@ use std::time::Duration;
 
 use http::{Method, Request, Response};
 use k8s_openapi::api::core::v1::Pod;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
 use kube::client::Body;
 use kube::core::PartialObjectMeta;
 use kube::runtime::events::{Recorder, Reporter};
@@ -72,7 +71,7 @@ fn event_reply() -> Value {
 struct Fixture {
     ctx: Arc<Context>,
     handle: Handle,
-    pods: reflector::store::Writer<PartialObjectMeta<Pod>>,
+    pods: PodIndex,
 }
 
 fn fixture() -> Fixture {
@@ -82,17 +81,20 @@ fn fixture() -> Fixture {
 fn fixture_with(validate_secrets: bool) -> Fixture {
     let (svc, handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
     let client = Client::new(svc, "default");
-    let (reader, writer) = reflector::store();
+    let pods = PodIndex::default();
+    // An empty, completed pod list: reconciles wait for one.
+    pods.apply(&watcher::Event::Init);
+    pods.apply(&watcher::Event::InitDone);
     let reporter = Reporter { controller: "wallaroo-connector-operator".into(), instance: Some("test".into()) };
     let ctx = Context {
         recorder: Recorder::new(client.clone(), reporter),
         client,
-        pods: reader,
+        pods: pods.clone(),
         metrics: crate::metrics::Metrics::new().expect("metrics"),
         namespaces: None,
         validate_secrets,
     };
-    Fixture { ctx: Arc::new(ctx), handle, pods: writer }
+    Fixture { ctx: Arc::new(ctx), handle, pods }
 }
 
 fn connector(name: &str) -> Connector {
@@ -118,9 +120,9 @@ fn pod(name: &str, injected: &[(&str, &str)], owner_rs: Option<&str>) -> Partial
     serde_json::from_value(json!({"apiVersion": "v1", "kind": "Pod", "metadata": meta})).expect("pod meta")
 }
 
-fn add_pods(w: &mut reflector::store::Writer<PartialObjectMeta<Pod>>, pods: Vec<PartialObjectMeta<Pod>>) {
+fn add_pods(index: &mut PodIndex, pods: Vec<PartialObjectMeta<Pod>>) {
     for p in pods {
-        w.apply_watcher_event(&watcher::Event::Apply(p));
+        index.apply(&watcher::Event::Apply(p));
     }
 }
 
@@ -435,34 +437,27 @@ fn pod_events_map_to_matching_and_previously_injected_connectors() {
     let _ = Connector::kind(&());
 }
 
-#[test]
-fn cached_metadata_keeps_only_what_is_read() {
-    let mut p = pod("x", &[("a", "1")], Some("rs"));
-    p.metadata
-        .annotations
-        .get_or_insert_default()
-        .insert("kubectl.kubernetes.io/last-applied-configuration".into(), "{}".into());
-    p.metadata.annotations.get_or_insert_default().insert(SKIPPED_ANNOTATION.into(), "{}".into());
-    p.metadata.managed_fields = Some(vec![Default::default()]);
-    p.metadata.uid = Some("u".into());
-    p.metadata.resource_version = Some("7".into());
-    p.metadata.generate_name = Some("celsius-abc-".into());
-    let mut refs = p.metadata.owner_references.clone().expect("owner");
-    refs.push(OwnerReference { controller: None, ..refs[0].clone() });
-    p.metadata.owner_references = Some(refs);
-    slim_pod_metadata(&mut p.metadata);
-    let ann = p.metadata.annotations.as_ref().expect("annotations");
-    assert_eq!(ann.keys().collect::<Vec<_>>(), [INJECTED_ANNOTATION, SKIPPED_ANNOTATION]);
-    assert!(p.metadata.managed_fields.is_none());
-    assert!(p.metadata.uid.is_none() && p.metadata.resource_version.is_none() && p.metadata.generate_name.is_none());
-    assert!(p.metadata.labels.is_some());
-    let owners = p.metadata.owner_references.as_ref().expect("owner kept");
-    assert_eq!(owners.len(), 1, "only the controlling owner");
-    assert_eq!((owners[0].kind.as_str(), owners[0].name.as_str(), owners[0].uid.as_str()), ("ReplicaSet", "rs", ""));
-    let mut bare = pod("y", &[], None);
-    bare.metadata.annotations = Some([("other".to_string(), "v".to_string())].into());
-    slim_pod_metadata(&mut bare.metadata);
-    assert!(bare.metadata.annotations.is_none());
+#[tokio::test]
+async fn reconciles_wait_for_the_pod_list() {
+    let f = fixture();
+    let pods = PodIndex::default();
+    let ctx = Arc::new(Context { pods, ..clone_context(&f.ctx) });
+    // No API call at all: a reconcile before the first pod list completes is postponed.
+    let server = tokio::spawn(serve(f.handle, vec![]));
+    let action = reconcile(Arc::new(connector("celsius-feed")), ctx).await.expect("postponed");
+    assert_eq!(action, Action::requeue(Duration::from_secs(1)));
+    server.await.expect("server");
+}
+
+fn clone_context(c: &Context) -> Context {
+    Context {
+        client: c.client.clone(),
+        pods: c.pods.clone(),
+        recorder: c.recorder.clone(),
+        metrics: c.metrics.clone(),
+        namespaces: c.namespaces.clone(),
+        validate_secrets: c.validate_secrets,
+    }
 }
 
 fn lease(holder: &str, rv: &str) -> Value {

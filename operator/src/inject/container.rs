@@ -11,7 +11,7 @@ use kube::api::ObjectMeta;
 use wallaroo_crds::{Connector, ResourceSettings, secret_env_var};
 
 use super::InjectConfig;
-use super::names::{CONNECTOR_ENV, container_name};
+use super::names::{CONNECTOR_ENV, container_name, metrics_port_name};
 
 /// The Connector as the sidecar reads it from `WALLAROO_CONNECTOR`: name, namespace and spec, nothing that changes
 /// without a spec change (no status, no resourceVersion), so the container is stable across reconciles.
@@ -128,6 +128,7 @@ pub fn sidecar(c: &Connector, namespace: &str, cfg: &InjectConfig) -> Result<Con
         args: Some(vec!["run".to_string()]),
         env: Some(env),
         ports: Some(vec![ContainerPort {
+            name: Some(metrics_port_name(name)),
             container_port: i32::from(port),
             protocol: Some("TCP".to_string()),
             ..ContainerPort::default()

@@ -102,11 +102,12 @@ pub struct Skip {
 
 /// The `{connector: skip}` map recorded on a pod, empty when absent or unreadable.
 pub fn skipped_annotation(meta: &ObjectMeta) -> BTreeMap<String, Skip> {
-    meta.annotations
-        .as_ref()
-        .and_then(|a| a.get(SKIPPED_ANNOTATION))
-        .and_then(|v| serde_json::from_str(v).ok())
-        .unwrap_or_default()
+    meta.annotations.as_ref().and_then(|a| a.get(SKIPPED_ANNOTATION)).map(|v| parse_skips(v)).unwrap_or_default()
+}
+
+/// Parses the value of the `wallaroo.dev/skipped` annotation; empty when unreadable.
+pub fn parse_skips(raw: &str) -> BTreeMap<String, Skip> {
+    serde_json::from_str(raw).unwrap_or_default()
 }
 
 /// The `{connector: spec hash}` map recorded on a pod, empty when absent or unreadable.

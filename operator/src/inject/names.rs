@@ -17,7 +17,16 @@ pub const TEMPLATE_ANNOTATION_PREFIX: &str = "connector.wallaroo.dev/";
 /// The env var that carries the whole Connector as JSON into the sidecar.
 pub const CONNECTOR_ENV: &str = "WALLAROO_CONNECTOR";
 
+/// Prefix of every sidecar's metrics port name; the chart's PodMonitor keeps exactly these ports.
+pub const METRICS_PORT_PREFIX: &str = "wcm-";
+
 const MAX_LABEL: usize = 63;
+
+/// The sidecar's metrics port name: unique per Connector within a pod and within the 15 characters a port name
+/// may have, with a fixed prefix that scrape configurations select on.
+pub fn metrics_port_name(connector: &str) -> String {
+    format!("{METRICS_PORT_PREFIX}{}", &hex::encode(Sha256::digest(connector.as_bytes()))[..10])
+}
 
 fn is_dns_label(s: &str) -> bool {
     !s.is_empty()
@@ -74,6 +83,17 @@ mod tests {
         assert!(is_dns_label(&n));
         assert_eq!(n, container_name(&long), "stable");
         assert_ne!(n, container_name(&"x".repeat(201)));
+    }
+
+    #[test]
+    fn metrics_port_names_are_valid_port_names_and_distinct() {
+        for c in ["celsius-feed", "orders.kafka", &"z".repeat(253)] {
+            let n = metrics_port_name(c);
+            // IANA_SVC_NAME: at most 15 characters, lowercase alphanumerics and single hyphens, a letter somewhere.
+            assert!(n.len() <= 15 && n.starts_with(METRICS_PORT_PREFIX), "{n}");
+            assert!(n.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-') && !n.contains("--"));
+        }
+        assert_ne!(metrics_port_name("a.b"), metrics_port_name("a-b"));
     }
 
     #[test]

@@ -35,17 +35,21 @@ pub fn check_selector(sel: &LabelSelector) -> Result<(), SelectorError> {
 /// Whether `labels` satisfy `sel`. An empty selector matches everything; an invalid one matches nothing, so a typo
 /// never injects into more pods than intended.
 pub fn matches(sel: &LabelSelector, labels: Option<&BTreeMap<String, String>>) -> bool {
+    matches_with(sel, |k| labels.and_then(|l| l.get(k)).map(String::as_str))
+}
+
+/// [`matches`] over any label lookup.
+pub fn matches_with<'a>(sel: &LabelSelector, get: impl Fn(&str) -> Option<&'a str>) -> bool {
     if check_selector(sel).is_err() {
         return false;
     }
-    let get = |k: &str| labels.and_then(|l| l.get(k));
-    let labels_ok = sel.match_labels.iter().flatten().all(|(k, v)| get(k) == Some(v));
+    let labels_ok = sel.match_labels.iter().flatten().all(|(k, v)| get(k) == Some(v.as_str()));
     labels_ok
         && sel.match_expressions.iter().flatten().all(|e| {
             let values = e.values.as_deref().unwrap_or_default();
             match e.operator.as_str() {
-                "In" => get(&e.key).is_some_and(|v| values.contains(v)),
-                "NotIn" => get(&e.key).is_none_or(|v| !values.contains(v)),
+                "In" => get(&e.key).is_some_and(|v| values.iter().any(|x| x == v)),
+                "NotIn" => get(&e.key).is_none_or(|v| !values.iter().any(|x| x == v)),
                 "Exists" => get(&e.key).is_some(),
                 "DoesNotExist" => get(&e.key).is_none(),
                 _ => false,
