@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Operator tests that are not plain `cargo test`: the operator binary end to end against the in-memory API emulator,
-# and the Helm chart rendered, linted and validated. Prints one closing line: "N passed, M failed".
+# the Helm chart rendered, linted and validated, and the Dockerfile checked against what the binaries link.
+# Prints one closing line: "N passed, M failed".
 #
 # Needs only PyPI and crates.io. The Python environment lives in ~/.cache/wallaroo-connectors/venv-k8s and is
 # (re)created when missing or when requirements.txt changes.
@@ -57,6 +58,7 @@ run_suite() {
 export WALLAROO_OPERATOR_BIN="$bin" _WC_OPERATOR_BIN="$bin"
 run_suite "chart: render, lint, validate" timeout 300 "$py" "$here/chart_test.py"
 run_suite "e2e: operator against the API emulator" timeout 300 "$py" "$here/e2e.py"
+run_suite "image: Dockerfile against what the binaries link" timeout 900 "$py" "$here/image_test.py"
 
 echo "$passed passed, $failed failed"
 [[ $failed -eq 0 ]]
