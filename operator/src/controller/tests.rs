@@ -143,6 +143,22 @@ fn replicaset() -> Value {
            "spec": {"selector": {"matchLabels": {"app": "celsius"}}}})
 }
 
+/// Rolling Deployment celsius (found through ReplicaSet celsius-abc, template without the annotation) to
+/// `key: value`, and the RolloutTriggered event.
+fn rollout_steps(key: &'static str, value: String) -> Vec<Step> {
+    let patched = deployment(json!({key: value}));
+    vec![
+        step(Method::GET, "/apis/apps/v1/namespaces/apps/replicasets/celsius-abc", 200, replicaset()),
+        step(Method::GET, "/apis/apps/v1/namespaces/apps/deployments/celsius", 200, deployment(json!({}))),
+        checked(step(Method::PATCH, "/apis/apps/v1/namespaces/apps/deployments/celsius", 200, patched), move |b| {
+            assert_eq!(b["spec"]["template"]["metadata"]["annotations"][key], value.as_str());
+        }),
+        checked(step(Method::POST, "/apis/events.k8s.io/v1/namespaces/apps/events", 201, event_reply()), |b| {
+            assert_eq!(b["reason"], "RolloutTriggered");
+        }),
+    ]
+}
+
 async fn run_scenario(f: Fixture, c: Connector, steps: Vec<Step>) -> (Result<Action, Error>, Vec<Value>) {
     let server = tokio::spawn(serve(f.handle, steps));
     let result = tokio::time::timeout(Duration::from_secs(10), reconcile(Arc::new(c), f.ctx.clone()))
@@ -241,29 +257,15 @@ async fn new_connector_rolls_the_pods_created_before_it() {
     let hash = c.spec.spec_hash();
     // Runs another Connector's sidecar, but not this one: it was created before celsius-feed existed.
     add_pods(&mut f.pods, vec![pod("celsius-abc-1", &[("celsius-out", "1111111111111111")], Some("celsius-abc"))]);
-    let key = "connector.wallaroo.dev/celsius-feed";
-    let expect_hash = hash.clone();
-    let steps = vec![
-        step(Method::GET, "/apis/apps/v1/namespaces/apps/replicasets/celsius-abc", 200, replicaset()),
-        step(Method::GET, "/apis/apps/v1/namespaces/apps/deployments/celsius", 200, deployment(json!({}))),
-        checked(
-            step(
-                Method::PATCH,
-                "/apis/apps/v1/namespaces/apps/deployments/celsius",
-                200,
-                deployment(json!({key: hash})),
-            ),
-            move |b| assert_eq!(b["spec"]["template"]["metadata"]["annotations"][key], expect_hash),
-        ),
-        checked(step(Method::POST, "/apis/events.k8s.io/v1/namespaces/apps/events", 201, event_reply()), |b| {
-            assert_eq!(b["reason"], "RolloutTriggered");
-        }),
-        checked(step(Method::PATCH, &format!("{CONNECTORS}/celsius-feed/status"), 200, connector_json(&c)), |b| {
+    let mut steps = rollout_steps("connector.wallaroo.dev/celsius-feed", hash);
+    steps.push(checked(
+        step(Method::PATCH, &format!("{CONNECTORS}/celsius-feed/status"), 200, connector_json(&c)),
+        |b| {
             let s = &b["status"];
             assert_eq!((s["matchedPods"].as_i64(), s["injectedPods"].as_i64()), (Some(1), Some(0)));
             assert_eq!(s["conditions"][2]["reason"], "RolloutInProgress");
-        }),
-    ];
+        },
+    ));
     let ctx = f.ctx.clone();
     let (result, _) = run_scenario(f, c, steps).await;
     assert!(result.is_ok(), "{result:?}");
@@ -282,12 +284,10 @@ async fn pods_that_refused_this_spec_are_reported_not_rolled() {
     let old = json!({"celsius-feed": {"specHash": "0000000000000000", "reason": "old"}});
     refused_old.metadata.annotations.get_or_insert_default().insert(SKIPPED_ANNOTATION.into(), old.to_string());
     add_pods(&mut f.pods, vec![refused, refused_old]);
-    let steps = vec![
-        step(Method::GET, "/apis/apps/v1/namespaces/apps/replicasets/celsius-abc", 200, replicaset()),
-        step(Method::GET, "/apis/apps/v1/namespaces/apps/deployments/celsius", 200, deployment(json!({}))),
-        step(Method::PATCH, "/apis/apps/v1/namespaces/apps/deployments/celsius", 200, deployment(json!({}))),
-        step(Method::POST, "/apis/events.k8s.io/v1/namespaces/apps/events", 201, event_reply()),
-        checked(step(Method::PATCH, &format!("{CONNECTORS}/celsius-feed/status"), 200, connector_json(&c)), |b| {
+    let mut steps = rollout_steps("connector.wallaroo.dev/celsius-feed", c.spec.spec_hash());
+    steps.push(checked(
+        step(Method::PATCH, &format!("{CONNECTORS}/celsius-feed/status"), 200, connector_json(&c)),
+        |b| {
             let injected = &b["status"]["conditions"][2];
             assert_eq!(injected["reason"], "InjectionSkipped");
             let m = injected["message"].as_str().unwrap_or_default();
@@ -295,8 +295,8 @@ async fn pods_that_refused_this_spec_are_reported_not_rolled() {
                 m.contains("0 of 2 matching pods run the current spec; 1 could not take it: spec.volumeMounts[0]"),
                 "{m}"
             );
-        }),
-    ];
+        },
+    ));
     let (result, _) = run_scenario(f, c, steps).await;
     assert!(result.is_ok(), "{result:?}");
 }
