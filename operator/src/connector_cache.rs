@@ -5,11 +5,12 @@ use std::collections::VecDeque;
 use std::sync::Arc;
 
 use futures::{Stream, StreamExt};
-use kube::Api;
 use kube::runtime::reflector::{self, ObjectRef, Store};
-use kube::runtime::{WatchStreamExt, watcher};
+use kube::runtime::watcher::{self, Event};
 use tokio::sync::broadcast;
 use wallaroo_crds::Connector;
+
+use crate::watch_merge::{Merged, watch_namespaces};
 
 /// Changes kept for a subscriber that is busy; one that falls further behind is sent every Connector again.
 const CHANGE_BUFFER: usize = 64;
@@ -28,29 +29,38 @@ pub fn slim_connector_metadata(m: &mut kube::api::ObjectMeta) {
 }
 
 impl ConnectorCache {
-    /// Starts watching `api`; the returned future runs the watch and must be polled (spawned) for the cache to fill.
-    pub fn watch(api: Api<Connector>) -> (Self, impl std::future::Future<Output = ()> + Send + 'static) {
-        let (store, writer) = reflector::store();
+    /// Starts watching Connectors in `namespaces` (all when `None`); the returned future runs the watch and must be
+    /// polled (spawned) for the cache to fill.
+    pub fn watch(
+        client: &kube::Client,
+        namespaces: &Option<std::collections::BTreeSet<String>>,
+    ) -> (Self, impl std::future::Future<Output = ()> + Send + 'static) {
+        let (store, mut writer) = reflector::store();
         let (changes, _) = broadcast::channel(CHANGE_BUFFER);
         let cache = Self { store: store.clone(), changes: changes.clone() };
-        let run = watcher(api, watcher::Config::default().any_semantic())
-            .default_backoff()
-            .modify(|c: &mut Connector| slim_connector_metadata(&mut c.metadata))
-            .reflect(writer)
-            .applied_objects()
-            .for_each(move |res| {
-                match res {
-                    // Send the store's own Arc, not another copy; objects of the initial list are not in the store
-                    // until the list completes, so those go out as they came.
-                    Ok(c) => {
+        let events = watch_namespaces::<Connector>(client, namespaces, watcher::Config::default().any_semantic());
+        let run = events.for_each(move |res| {
+            match res {
+                Ok(Merged::Event(ev)) => {
+                    let ev = ev.modify(|c| slim_connector_metadata(&mut c.metadata));
+                    writer.apply_watcher_event(&ev);
+                    if let Event::Apply(c) | Event::InitApply(c) = ev {
+                        // Send the store's own Arc, not another copy; objects of the initial list are not in the
+                        // store until the list completes, so those go out as they came.
                         let shared = store.get(&ObjectRef::from_obj(&c)).unwrap_or_else(|| Arc::new(c));
                         // No subscriber (not leading) is fine: nothing is kept then.
                         let _ = changes.send(shared);
                     }
-                    Err(e) => tracing::warn!(error = %e, "Connector watch failed; retrying"),
                 }
-                futures::future::ready(())
-            });
+                Ok(Merged::Gone { namespace, name }) => {
+                    if let Some(c) = store.get(&ObjectRef::new(&name).within(&namespace)) {
+                        writer.apply_watcher_event(&Event::Delete((*c).clone()));
+                    }
+                }
+                Err(e) => tracing::warn!(error = %e, "Connector watch failed; retrying"),
+            }
+            futures::future::ready(())
+        });
         (cache, run)
     }
 
@@ -91,8 +101,6 @@ impl ConnectorCache {
 
 #[cfg(test)]
 mod tests {
-    use kube::runtime::watcher::Event;
-
     use super::*;
     use crate::inject::tests::test_connectors;
 

@@ -5,4 +5,5 @@ pub mod connector_cache;
 pub mod controller;
 pub mod inject;
 pub mod metrics;
+pub mod watch_merge;
 pub mod webhook;

@@ -109,10 +109,10 @@ def main():
         ns = values.get("watchNamespaces", [])
         watch_bindings = [d for _, d in docs if d["kind"] in ("RoleBinding", "ClusterRoleBinding")
                           and d["roleRef"]["name"].endswith("-watch")]
-        if len(ns) == 1:
-            r.check(f"one namespace: watch rules bound by a RoleBinding only ({label})",
-                    [d["kind"] for d in watch_bindings] == ["RoleBinding"]
-                    and watch_bindings[0]["metadata"]["namespace"] == ns[0])
+        if ns:
+            r.check(f"watched namespaces: watch rules bound by one RoleBinding in each, nothing cluster-wide ({label})",
+                    [d["kind"] for d in watch_bindings] == ["RoleBinding"] * len(ns)
+                    and sorted(d["metadata"]["namespace"] for d in watch_bindings) == sorted(ns), watch_bindings)
         else:
             r.check(f"watch rules bound cluster-wide ({label})", [d["kind"] for d in watch_bindings] == ["ClusterRoleBinding"])
         rules = [rule for _, d in docs if d["kind"] in ("Role", "ClusterRole") for rule in d["rules"]]

@@ -94,7 +94,57 @@ def main():
         for o in ops:
             o.terminate(5)
         emu.stop()
+    namespaces_scenario(r, binary)
     return r.report()
+
+
+def namespaces_scenario(r, binary):
+    """watchNamespaces with two namespaces: one watch per namespace, nothing cluster-wide, nothing elsewhere."""
+    emu = Emulator(seeds=[os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures-e2e.yaml")])
+    op = None
+    try:
+        watched, other = ["apps", "etl"], "elsewhere"
+        for ns in watched + [other]:
+            emu.call("POST", "/api/v1/namespaces", {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}})
+            conn = {"apiVersion": "wallaroo.dev/v1alpha1", "kind": "Connector", "metadata": {"name": f"feed-{ns}"},
+                    "spec": {"connectorName": "feed", "selector": {"matchLabels": {"app": "celsius"}},
+                             "worker": {"port": 7100}, "source": {"udp": {"port": 6789}}}}
+            emu.create(f"/apis/wallaroo.dev/v1alpha1/namespaces/{ns}/connectors", conn)
+        op = Operator(binary, emu, "ns-op", extra_env={"WATCH_NAMESPACES": ",".join(watched)})
+        r.check("namespaces: operator becomes ready", wait_for(op.ready, 30), op.tail())
+        status = lambda ns: (emu.get(f"/apis/wallaroo.dev/v1alpha1/namespaces/{ns}/connectors/feed-{ns}") or {}).get("status")
+        r.check("namespaces: Connectors in both watched namespaces reconciled",
+                wait_for(lambda: all(status(ns) for ns in watched), 20), op.tail())
+        time.sleep(1)
+        r.check("namespaces: the Connector of an unwatched namespace is left alone", not status(other), status(other))
+        ca = ca_from_secret(emu)
+        client = WebhookClient(op.webhook_port, ca, SERVICE_NAME)
+        pod = worker_pod()
+        pod["metadata"]["namespace"] = "etl"
+        review = json.loads(client.post("/mutate", admission_review("etl-pod", pod, namespace="etl"))[1])
+        injected = json.dumps(decode_patch(review) or [])
+        r.check("namespaces: a pod in a watched namespace gets that namespace's Connector",
+                "feed-etl" in injected and "feed-apps" not in injected, review)
+        pod["metadata"]["namespace"] = other
+        review = json.loads(client.post("/mutate", admission_review("other-pod", pod, namespace=other))[1])
+        r.check("namespaces: a pod elsewhere gets nothing", not decode_patch(review), review)
+        client.close()
+        calls = emu.get("/_emulator/requests")
+        wide = sorted({f"{m} {p}" for m, p, _ in calls
+                       if p in ("/apis/wallaroo.dev/v1alpha1/connectors", "/api/v1/pods")})
+        per_ns = {p for m, p, w in calls if w}
+        r.check("namespaces: no cluster-wide list or watch of Connectors or pods", not wide, wide)
+        r.check("namespaces: one Connector watch and one pod watch per watched namespace",
+                all(f"/apis/wallaroo.dev/v1alpha1/namespaces/{ns}/connectors" in per_ns
+                    and f"/api/v1/namespaces/{ns}/pods" in per_ns for ns in watched), sorted(per_ns))
+        r.check("namespaces: SIGTERM exits 0", op.terminate() == 0, op.tail())
+    except Exception:
+        import traceback
+        r.check("namespaces scenario ran to the end", False, traceback.format_exc() + (op.tail(40) if op else ""))
+    finally:
+        if op:
+            op.terminate(5)
+        emu.stop()
 
 
 def kubectl_checks(r, emu, feed):

@@ -14,6 +14,7 @@ operator relies on:
   `test`), DELETE (finalizers -> deletionTimestamp; removal when the last finalizer goes)
 * metadata-only requests (Accept: ...;as=PartialObjectMetadata[List]) as kube-rs sends for PartialObjectMeta<K>
 * /version (configurable), Status errors with reason and code
+* GET /_emulator/requests: every request's method and path so far (test hook, not a Kubernetes API)
 * for kubectl: legacy discovery (/api, /apis, /api/v1, /apis/<group>/<version>, short names and categories from
   stored CRDs) and server-side printing (`as=Table`, a stored CRD's additionalPrinterColumns evaluated on the
   objects)
@@ -151,6 +152,8 @@ class Store:
         self.events = []  # (rv, group, plural, type, obj, old)
         self.first_rv = 1
         self.version = version
+        # (method, path, watch?) of every API request, for tests that check which calls a client makes.
+        self.requests = []
 
     def _bump(self):
         self.rv += 1
@@ -454,6 +457,11 @@ class Handler(BaseHTTPRequestHandler):
         url = urlparse(self.path)
         q = {k: v[-1] for k, v in parse_qs(url.query).items()}
         st = self.store
+        if url.path == "/_emulator/requests":
+            with st.lock:
+                return self._send(200, [list(r) for r in st.requests])
+        with st.lock:
+            st.requests.append((method, url.path, q.get("watch") in ("1", "true")))
         if url.path == "/version":
             major, minor = st.version.split(".")[:2]
             return self._send(200, {"major": major, "minor": minor, "gitVersion": f"v{major}.{minor}.0",

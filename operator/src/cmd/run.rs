@@ -9,12 +9,10 @@ use std::time::Duration;
 use anyhow::Context as _;
 use kube::Client;
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
-use kube::runtime::reflector;
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 use tracing_subscriber::EnvFilter;
-use wallaroo_crds::Connector;
 use wallaroo_operator::admin::{self, Health};
 use wallaroo_operator::connector_cache::ConnectorCache;
 use wallaroo_operator::controller::leader::{Elector, LeaseConfig};
@@ -234,7 +232,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let inject_cfg = Arc::new(args.sidecar.config(native));
 
     // One Connector cache on every replica, leader or not: the webhook reads it, the leader's controller follows it.
-    let (connectors, watch) = ConnectorCache::watch(controller::scoped::<Connector>(&client, &namespaces));
+    let (connectors, watch) = ConnectorCache::watch(&client, &namespaces);
     let reflector_task = tokio::spawn(watch);
     let connector_store = connectors.store();
     // One waiter only: kube's Store::wait_until_ready wakes just the most recent of concurrent waiters, so
@@ -251,10 +249,8 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
             }
         });
     }
-    let lookup: Arc<dyn wallaroo_operator::webhook::ConnectorLookup> = match &namespaces {
-        Some(set) if set.len() > 1 => Arc::new(Filtered { store: connector_store, namespaces: set.clone() }),
-        _ => Arc::new(connector_store),
-    };
+    // The cache holds the watched namespaces only, so pods elsewhere find no Connector.
+    let lookup: Arc<dyn wallaroo_operator::webhook::ConnectorLookup> = Arc::new(connector_store);
 
     let reporter = Reporter { controller: "wallaroo-connector-operator".into(), instance: Some(identity.clone()) };
     let recorder = Recorder::new(client.clone(), reporter);
@@ -362,19 +358,4 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     reflector_task.abort();
     tracing::info!("operator stopped");
     Ok(())
-}
-
-/// Connector lookup restricted to the watched namespaces when several are watched cluster-wide.
-struct Filtered {
-    store: reflector::Store<Connector>,
-    namespaces: BTreeSet<String>,
-}
-
-impl wallaroo_operator::webhook::ConnectorLookup for Filtered {
-    fn in_namespace(&self, namespace: &str) -> Vec<Arc<Connector>> {
-        if !self.namespaces.contains(namespace) {
-            return Vec::new();
-        }
-        self.store.in_namespace(namespace)
-    }
 }

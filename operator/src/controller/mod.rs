@@ -16,13 +16,14 @@ use kube::runtime::controller::{Action, Config as ControllerConfig, Controller};
 use kube::runtime::events::Recorder;
 use kube::runtime::reflector::{ObjectRef, Store};
 use kube::runtime::{WatchStreamExt, watcher};
-use kube::{Api, Client, ResourceExt};
+use kube::{Client, ResourceExt};
 use wallaroo_crds::Connector;
 
 use crate::connector_cache::ConnectorCache;
 use crate::inject::names::INJECT_LABEL;
 use crate::inject::{injected_annotation, matching};
 use crate::metrics::Metrics;
+use crate::watch_merge::{Merged, watch_namespaces};
 use pods::PodIndex;
 
 pub use reconcile::{FINALIZER, REMOVED, reconcile};
@@ -96,31 +97,21 @@ pub fn connectors_for_pod(store: &Store<Connector>, pod: &PartialObjectMeta<Pod>
     names.into_iter().map(|n| ObjectRef::new(&n).within(ns)).collect()
 }
 
-/// An API handle for one namespace when exactly one is watched, else cluster-wide.
-pub fn scoped<K>(client: &Client, namespaces: &Option<BTreeSet<String>>) -> Api<K>
-where
-    K: kube::Resource<Scope = k8s_openapi::NamespaceResourceScope>,
-    <K as kube::Resource>::DynamicType: Default,
-{
-    match namespaces.as_ref().filter(|s| s.len() == 1).and_then(|s| s.iter().next()) {
-        Some(ns) => Api::namespaced(client.clone(), ns),
-        None => Api::all(client.clone()),
-    }
-}
-
 /// Runs the controller until `shutdown` resolves, fed by the process's Connector cache.
 pub async fn run(
     ctx: Arc<Context>,
     connectors: &ConnectorCache,
     shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
 ) {
-    let pods: Api<PartialObjectMeta<Pod>> = scoped(&ctx.client, &ctx.namespaces);
     let pod_cfg = watcher::Config::default().labels(&format!("{INJECT_LABEL}=true"));
-    let pod_events = watcher(pods, pod_cfg)
-        .default_backoff()
-        .inspect_ok({
-            let index = ctx.pods.clone();
-            move |ev| index.apply(ev)
+    let index = ctx.pods.clone();
+    let pod_events = watch_namespaces::<PartialObjectMeta<Pod>>(&ctx.client, &ctx.namespaces, pod_cfg)
+        .inspect_ok(move |m| index.apply_merged(m))
+        .try_filter_map(|m| {
+            futures::future::ready(Ok(match m {
+                Merged::Event(ev) => Some(ev),
+                Merged::Gone { .. } => None,
+            }))
         })
         .touched_objects();
     let controller = Controller::for_shared_stream(connectors.triggers(), connectors.store())

@@ -11,6 +11,7 @@ use kube::runtime::watcher::Event;
 
 use crate::inject::names::{INJECTED_ANNOTATION, SKIPPED_ANNOTATION};
 use crate::inject::{Skip, parse_skips, selector};
+use crate::watch_merge::Merged;
 
 type Pairs = Box<[(Box<str>, Box<str>)]>;
 
@@ -132,6 +133,22 @@ impl PodIndex {
             Event::InitDone => {
                 s.live = std::mem::take(&mut s.building);
                 s.ready = true;
+            }
+        }
+    }
+
+    /// [`apply`](Self::apply) for the merged per-namespace watch.
+    pub fn apply_merged(&self, m: &Merged<PartialObjectMeta<Pod>>) {
+        match m {
+            Merged::Event(ev) => self.apply(ev),
+            Merged::Gone { namespace, name } => {
+                let mut s = self.state.write().unwrap_or_else(std::sync::PoisonError::into_inner);
+                if let Some(pods) = s.live.get_mut(namespace.as_str()) {
+                    pods.remove(name.as_str());
+                    if pods.is_empty() {
+                        s.live.remove(namespace.as_str());
+                    }
+                }
             }
         }
     }
