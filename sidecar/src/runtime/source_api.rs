@@ -87,6 +87,7 @@ pub trait SourceIntegration: Send {
 }
 
 /// Capacity of the emit channel in batches: bounds memory while letting the reader stay ahead of the socket.
-pub const EMIT_CAPACITY: usize = 64;
+/// Integrations keep their batches to a few thousand records or a few hundred KiB, so this is at most a few MiB.
+pub const EMIT_CAPACITY: usize = 16;
 /// Capacity of the command channel.
 pub const COMMAND_CAPACITY: usize = 1024;

@@ -25,12 +25,17 @@ impl FileSource {
 }
 
 const READ_CHUNK: usize = 1 << 20;
-const BATCH: usize = 8192;
+/// Records per batch; with the runtime's bounded emit channel this caps read-ahead (see BENCHMARKS.md).
+const BATCH: usize = 2048;
+/// Payload bytes per batch, so that large records do not multiply the read-ahead.
+const BATCH_BYTES: usize = 256 * 1024;
 
 /// Splits records off the front of `buf`, whose first byte is at file offset `offset`. Records share `buf`'s
 /// allocation; the incomplete tail stays in `buf`.
 pub fn split_records(format: FileFormat, buf: &mut BytesMut, offset: &mut u64, at_eof: bool, out: &mut Vec<Record>) {
-    while out.len() < BATCH {
+    let mut bytes: usize = out.iter().map(|r| r.payload.len()).sum();
+    while out.len() < BATCH && bytes < BATCH_BYTES {
+        let before = out.len();
         match format {
             FileFormat::Lines => {
                 let Some(nl) = buf.iter().position(|&b| b == b'\n') else {
@@ -64,6 +69,7 @@ pub fn split_records(format: FileFormat, buf: &mut BytesMut, offset: &mut u64, a
                 out.push(Record { por: *offset, key: None, payload });
             }
         }
+        bytes += out[before..].iter().map(|r| r.payload.len()).sum::<usize>();
     }
 }
 
@@ -204,5 +210,24 @@ mod tests {
         assert_eq!(out[0].por, 6);
         assert_eq!(&out[0].payload[..], b"hi");
         assert_eq!(buf.len(), 6);
+    }
+
+    #[test]
+    fn batches_are_capped_by_bytes_as_well_as_records() {
+        let record = vec![b'x'; 100 * 1024];
+        let mut buf = BytesMut::new();
+        for _ in 0..10 {
+            buf.extend_from_slice(&(record.len() as u32).to_be_bytes());
+            buf.extend_from_slice(&record);
+        }
+        let (mut off, mut out) = (0, Vec::new());
+        split_records(FileFormat::Framed, &mut buf, &mut off, false, &mut out);
+        assert_eq!(out.len(), 3, "stops at the first record that reaches {BATCH_BYTES} bytes");
+        assert_eq!(off, 3 * (4 + 100 * 1024));
+        let mut small = BytesMut::from(&b"a\n".repeat(BATCH + 10)[..]);
+        let (mut off, mut out) = (0, Vec::new());
+        split_records(FileFormat::Lines, &mut small, &mut off, false, &mut out);
+        assert_eq!(out.len(), BATCH);
+        assert_eq!(small.len(), 20);
     }
 }

@@ -70,6 +70,8 @@ pub enum Control {
 
 /// Records per event: large enough to amortize channel hand-offs, small enough to keep latency low.
 const BATCH: usize = 2048;
+/// Payload bytes per event, so that large records do not multiply what waits for the worker's credits.
+const BATCH_BYTES: usize = 256 * 1024;
 /// How long `poll` blocks when nothing is ready: bounds how late a control message is served.
 const POLL_WAIT: Duration = Duration::from_millis(20);
 /// How often a disconnected consumer probes the brokers (drives `/readyz` back to ready).
@@ -440,9 +442,9 @@ pub fn run(consumer: BaseConsumer<Ctx>, args: ThreadArgs) -> Result<(), String> 
         }
 
         let mut batches: Vec<(Tp, u64, Vec<Record>)> = Vec::new();
-        let mut n = 0usize;
+        let (mut n, mut bytes) = (0usize, 0usize);
         let mut wait = POLL_WAIT;
-        while n < BATCH {
+        while n < BATCH && bytes < BATCH_BYTES {
             let Some(res) = consumer.poll(wait) else {
                 break;
             };
@@ -475,6 +477,7 @@ pub fn run(consumer: BaseConsumer<Ctx>, args: ThreadArgs) -> Result<(), String> 
                 payload: m.payload().map(Bytes::copy_from_slice).unwrap_or_default(),
             };
             n += 1;
+            bytes += rec.payload.len() + rec.key.as_ref().map_or(0, Bytes::len);
             match batches.last_mut() {
                 Some((t, e, v)) if *t == tp && *e == epoch => v.push(rec),
                 _ => batches.push((tp, epoch, vec![rec])),
