@@ -6,7 +6,7 @@ real ReplicaSet pods (labels, owner reference, injection annotation, managedFiel
 operator, waits until every Connector has been reconciled (status.observedGeneration set), then samples the
 operator's resident set size for 10 s. Prints VmRSS (steady state) and VmHWM (peak).
 
-Run: tests/k8s/bench_rss.py   (uses the venv created by tests/k8s/run.sh)
+Run: tests/k8s/bench_rss.py [--watch-namespaces]   (uses the venv created by tests/k8s/run.sh)
 """
 import json
 import os
@@ -83,7 +83,12 @@ def main():
     emu = Emulator(seeds=[seed])
     print(f"emulator seeded with {CONNECTORS} Connectors and {PODS} pods in {time.monotonic() - t0:.1f} s")
     # MALLOC_ARENA_MAX=2 as the image and the chart set it.
-    op = Operator(binary, emu, "bench", extra_env={"RUST_LOG": "warn", "MALLOC_ARENA_MAX": os.environ.get("MALLOC_ARENA_MAX", "2")})
+    env = {"RUST_LOG": "warn", "MALLOC_ARENA_MAX": os.environ.get("MALLOC_ARENA_MAX", "2")}
+    if "--watch-namespaces" in sys.argv:
+        # Every namespace named: one Connector watch and one pod watch per namespace instead of two cluster-wide.
+        env["WATCH_NAMESPACES"] = ",".join(f"team-{n}" for n in range(NAMESPACES))
+        print(f"watching {NAMESPACES} namespaces one by one")
+    op = Operator(binary, emu, "bench", extra_env=env)
     try:
         start = time.monotonic()
         if not wait_for(op.ready, 120):
