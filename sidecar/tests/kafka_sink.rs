@@ -154,12 +154,8 @@ async fn a_permanent_error_votes_abort_and_the_sink_keeps_going() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn readyz_follows_a_broker_outage_and_rounds_commit_after_it() {
     init_tracing();
-    let (port, public) = (free_port(), free_port());
-    let brokers = format!("127.0.0.1:{public}");
-    let dir = tempfile::tempdir().unwrap();
-    let mut broker = start_tansu(port, public, &dir.path().join("tansu.log"));
-    wait_port(port).await;
-    let proxy = Proxy::start(public, port).await;
+    let mut broker = PrivateBroker::start().await;
+    let brokers = broker.brokers.clone();
     let topic = unique("sink-outage");
     create_topic(&brokers, &topic, 1).await;
     let sink_port = free_port();
@@ -168,16 +164,14 @@ async fn readyz_follows_a_broker_outage_and_rounds_commit_after_it() {
         start_sink_with_admin(&sink_manifest_at(&brokers, sink_port, &topic, ""), sink_port, admin).await;
     let ready = |want: u16| wait_readyz(admin, want);
     assert!(ready(200).await, "sink not ready with the broker up");
-    proxy.stop().await;
+    broker.cut().await;
     assert!(ready(503).await, "/readyz still 200 with the broker gone");
-    let proxy = Proxy::start(public, port).await;
+    broker.restore().await;
     assert!(ready(200).await, "/readyz did not recover after the broker came back");
     let mut w = SinkSim::connect(SinkSimConfig::new(addr, "worker1")).await.unwrap();
     w.send(record(7).as_bytes()).await.unwrap();
     assert_eq!(w.checkpoint().await.unwrap(), RoundOutcome::Committed);
     stop.cancel();
     task.await.unwrap();
-    proxy.stop().await;
-    broker.kill().unwrap();
-    broker.wait().unwrap();
+    broker.stop().await;
 }

@@ -290,12 +290,8 @@ async fn broker_outage_is_survived_and_readyz_follows() {
     init_tracing();
     // The sidecar reaches a private broker only through a proxy on the advertised port; stopping the proxy is
     // a broker outage as clients see it (connections dropped, new ones refused) without losing the topic.
-    let (port, public) = (free_port(), free_port());
-    let brokers = format!("127.0.0.1:{public}");
-    let dir = tempfile::tempdir().unwrap();
-    let mut broker = start_tansu(port, public, &dir.path().join("tansu.log"));
-    wait_port(port).await;
-    let proxy = Proxy::start(public, port).await;
+    let mut broker = PrivateBroker::start().await;
+    let brokers = broker.brokers.clone();
     let topic = unique("src-broker");
     let group = unique("g");
     create_topic(&brokers, &topic, 1).await;
@@ -309,10 +305,10 @@ async fn broker_outage_is_survived_and_readyz_follows() {
     let ready = |want: u16| wait_readyz(admin, want);
     assert!(ready(200).await, "not ready while the broker is up");
 
-    proxy.stop().await;
+    broker.cut().await;
     assert!(ready(503).await, "/readyz still 200 with the broker gone");
 
-    let proxy = Proxy::start(public, port).await;
+    broker.restore().await;
     assert!(ready(200).await, "/readyz did not recover after the broker came back");
     // Records produced after the outage flow again, after the ones before it, each once.
     produce(&p, &topic, 1, 10, 10).await;
@@ -321,7 +317,5 @@ async fn broker_outage_is_survived_and_readyz_follows() {
     assert_eq!(sim.stats().connections, 1, "the worker connection stayed up throughout");
     stop.cancel();
     task.await.unwrap().unwrap();
-    proxy.stop().await;
-    broker.kill().unwrap();
-    broker.wait().unwrap();
+    broker.stop().await;
 }

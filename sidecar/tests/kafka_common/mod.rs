@@ -255,3 +255,45 @@ impl Proxy {
         let _ = self.task.await;
     }
 }
+
+/// A private broker that clients reach only through a [`Proxy`] on its advertised port, so a test can cut it off
+/// and bring it back without losing its topics.
+pub struct PrivateBroker {
+    /// `host:port` for clients (the proxy).
+    pub brokers: String,
+    port: u16,
+    public: u16,
+    process: Child,
+    proxy: Option<Proxy>,
+    _dir: tempfile::TempDir,
+}
+
+impl PrivateBroker {
+    pub async fn start() -> PrivateBroker {
+        let (port, public) = (free_port(), free_port());
+        let dir = tempfile::tempdir().unwrap();
+        let process = start_tansu(port, public, &dir.path().join("tansu.log"));
+        wait_port(port).await;
+        let proxy = Some(Proxy::start(public, port).await);
+        PrivateBroker { brokers: format!("127.0.0.1:{public}"), port, public, process, proxy, _dir: dir }
+    }
+
+    /// An outage as clients see it: connections dropped, new ones refused.
+    pub async fn cut(&mut self) {
+        if let Some(p) = self.proxy.take() {
+            p.stop().await;
+        }
+    }
+
+    pub async fn restore(&mut self) {
+        if self.proxy.is_none() {
+            self.proxy = Some(Proxy::start(self.public, self.port).await);
+        }
+    }
+
+    pub async fn stop(mut self) {
+        self.cut().await;
+        self.process.kill().unwrap();
+        self.process.wait().unwrap();
+    }
+}
