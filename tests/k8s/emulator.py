@@ -292,6 +292,9 @@ def crd_for(store, group, plural):
 
 def discovery(store, path):
     """Legacy (non-aggregated) discovery documents, as kubectl falls back to them: /api, /apis, /api/v1, /apis/g/v."""
+    parts = [p for p in path.split("/") if p]
+    if not (parts in (["api"], ["api", "v1"]) or (parts[:1] == ["apis"] and len(parts) <= 3)):
+        return None  # an object or collection path
     gvs = {}
     for (group, plural), (g, v, kind, namespaced, has_status) in RESOURCES.items():
         gvs.setdefault((g, v), []).append((group, plural, kind, namespaced, has_status))
@@ -303,7 +306,6 @@ def discovery(store, path):
                    "preferredVersion": {"groupVersion": f"{g}/{v}", "version": v}}
                   for (g, v) in sorted(gvs) if g]
         return {"kind": "APIGroupList", "apiVersion": "v1", "groups": groups}
-    parts = [p for p in path.split("/") if p]
     if parts == ["api", "v1"]:
         gv = ("", "v1")
     elif len(parts) == 3 and parts[0] == "apis" and (parts[1], parts[2]) in gvs:

@@ -79,8 +79,9 @@ def main():
     target = os.environ.get("CARGO_TARGET_DIR", os.path.join(ROOT, "target"))
     subprocess.run(["cargo", "build", "-q", "-p", "wallaroo-connector", "-p", "wallaroo-connector-operator"],
                    cwd=ROOT, check=True)
-    for name in ("wallaroo-connector", "wallaroo-connector-operator"):
-        linked = linked_packages(os.path.join(target, "debug", name))
+    linked_by = {name: linked_packages(os.path.join(target, "debug", name))
+                 for name in ("wallaroo-connector", "wallaroo-connector-operator")}
+    for name, linked in linked_by.items():
         unknown = [lib for lib, pkg in linked.items() if pkg is None]
         r.check(f"{name}: every linked library belongs to a Debian package", not unknown, unknown)
         need = {pkg for pkg in linked.values() if pkg} - BASE
@@ -89,8 +90,7 @@ def main():
         headers = {DEV.get(p, p + " (unknown -dev package)") for p in need}
         r.check(f"{name}: builder installs their headers ({sorted(headers)})", headers <= builder,
                 sorted(headers - builder))
-    extra = runtime - BASE - {"ca-certificates"} - {p for name in ("wallaroo-connector", "wallaroo-connector-operator")
-                                                     for p in linked_packages(os.path.join(target, "debug", name)).values()}
+    extra = runtime - BASE - {"ca-certificates"} - {p for linked in linked_by.values() for p in linked.values()}
     r.check("runtime stage installs nothing the binaries do not link", not extra, sorted(extra))
     return r.report()
 

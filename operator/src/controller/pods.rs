@@ -1,7 +1,7 @@
 //! The leader's index of opted-in pods. It keeps per pod only what reconciles read (labels, the injection records,
 //! the controlling owner) in compact form: with 5,000 pods a cache of `ObjectMeta`s cost about 16 MiB, this about a
 //! fifth of it (docs/operator-benchmarks.md).
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
 
 use k8s_openapi::api::core::v1::Pod;
@@ -9,8 +9,8 @@ use kube::api::ObjectMeta;
 use kube::core::PartialObjectMeta;
 use kube::runtime::watcher::Event;
 
-use crate::inject::names::{INJECTED_ANNOTATION, SKIPPED_ANNOTATION};
-use crate::inject::{Skip, parse_skips, selector};
+use crate::inject::names::SKIPPED_ANNOTATION;
+use crate::inject::{Skip, injected_annotation, parse_skips, selector};
 use crate::watch_merge::Merged;
 
 type Pairs = Box<[(Box<str>, Box<str>)]>;
@@ -46,16 +46,11 @@ pub struct PodEntry {
 
 impl PodEntry {
     pub fn from_meta(m: &ObjectMeta) -> Self {
-        let annotations = m.annotations.as_ref();
-        let injected: BTreeMap<String, String> = annotations
-            .and_then(|a| a.get(INJECTED_ANNOTATION))
-            .and_then(|v| serde_json::from_str(v).ok())
-            .unwrap_or_default();
         Self {
             name: m.name.as_deref().unwrap_or_default().into(),
             labels: pairs(m.labels.iter().flatten()),
-            injected: pairs(&injected),
-            skipped: annotations.and_then(|a| a.get(SKIPPED_ANNOTATION)).map(|v| v.as_str().into()),
+            injected: pairs(&injected_annotation(m)),
+            skipped: m.annotations.as_ref().and_then(|a| a.get(SKIPPED_ANNOTATION)).map(|v| v.as_str().into()),
             owner: m.owner_references.iter().flatten().find(|r| r.controller == Some(true)).map(|r| Owner {
                 api_version: r.api_version.as_str().into(),
                 kind: r.kind.as_str().into(),
@@ -110,10 +105,8 @@ fn insert(map: &mut Namespaces, m: &ObjectMeta) {
     }
 }
 
-fn remove(map: &mut Namespaces, m: &ObjectMeta) {
-    if let Some((ns, name)) = key(m)
-        && let Some(pods) = map.get_mut(ns)
-    {
+fn remove(map: &mut Namespaces, ns: &str, name: &str) {
+    if let Some(pods) = map.get_mut(ns) {
         pods.remove(name);
         if pods.is_empty() {
             map.remove(ns);
@@ -122,12 +115,24 @@ fn remove(map: &mut Namespaces, m: &ObjectMeta) {
 }
 
 impl PodIndex {
+    // A poisoned lock only means another thread panicked mid-update; the map itself is still usable.
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, State> {
+        self.state.read().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, State> {
+        self.state.write().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
     pub fn apply(&self, event: &Event<PartialObjectMeta<Pod>>) {
-        // A poisoned lock only means another thread panicked mid-update; the map itself is still usable.
-        let mut s = self.state.write().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut s = self.write();
         match event {
             Event::Apply(p) => insert(&mut s.live, &p.metadata),
-            Event::Delete(p) => remove(&mut s.live, &p.metadata),
+            Event::Delete(p) => {
+                if let Some((ns, name)) = key(&p.metadata) {
+                    remove(&mut s.live, ns, name);
+                }
+            }
             Event::Init => s.building = Namespaces::new(),
             Event::InitApply(p) => insert(&mut s.building, &p.metadata),
             Event::InitDone => {
@@ -141,37 +146,21 @@ impl PodIndex {
     pub fn apply_merged(&self, m: &Merged<PartialObjectMeta<Pod>>) {
         match m {
             Merged::Event(ev) => self.apply(ev),
-            Merged::Gone { namespace, name } => {
-                let mut s = self.state.write().unwrap_or_else(std::sync::PoisonError::into_inner);
-                if let Some(pods) = s.live.get_mut(namespace.as_str()) {
-                    pods.remove(name.as_str());
-                    if pods.is_empty() {
-                        s.live.remove(namespace.as_str());
-                    }
-                }
-            }
+            Merged::Gone { namespace, name } => remove(&mut self.write().live, namespace, name),
         }
     }
 
     /// Whether the first list completed: before that, "no pods" means "not known yet".
     pub fn is_ready(&self) -> bool {
-        self.state.read().unwrap_or_else(std::sync::PoisonError::into_inner).ready
+        self.read().ready
     }
 
     /// Pods of one namespace, sorted by name.
     pub fn in_namespace(&self, ns: &str) -> Vec<Arc<PodEntry>> {
-        let s = self.state.read().unwrap_or_else(std::sync::PoisonError::into_inner);
-        let mut out: Vec<Arc<PodEntry>> = s.live.get(ns).map(|m| m.values().cloned().collect()).unwrap_or_default();
+        let mut out: Vec<Arc<PodEntry>> =
+            self.read().live.get(ns).map(|m| m.values().cloned().collect()).unwrap_or_default();
         out.sort_by(|a, b| a.name.cmp(&b.name));
         out
-    }
-
-    pub fn len(&self) -> usize {
-        self.state.read().unwrap_or_else(std::sync::PoisonError::into_inner).live.values().map(HashMap::len).sum()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
     }
 }
 
@@ -180,6 +169,7 @@ mod tests {
     use serde_json::json;
 
     use super::*;
+    use crate::inject::names::INJECTED_ANNOTATION;
 
     fn meta(name: &str, labels: serde_json::Value, annotations: serde_json::Value) -> PartialObjectMeta<Pod> {
         serde_json::from_value(json!({"apiVersion": "v1", "kind": "Pod", "metadata": {
@@ -218,7 +208,7 @@ mod tests {
         idx.apply(&Event::Init);
         idx.apply(&Event::InitApply(b.clone()));
         idx.apply(&Event::InitApply(a.clone()));
-        assert!(idx.is_empty(), "a list in progress is not visible");
+        assert!(idx.in_namespace("apps").is_empty(), "a list in progress is not visible");
         idx.apply(&Event::InitDone);
         assert!(idx.is_ready());
         let names: Vec<String> = idx.in_namespace("apps").iter().map(|p| p.name.to_string()).collect();
@@ -230,7 +220,7 @@ mod tests {
         // A relist drops what is gone.
         idx.apply(&Event::Init);
         idx.apply(&Event::InitDone);
-        assert!(idx.in_namespace("apps").is_empty() && idx.is_empty());
+        assert!(idx.in_namespace("apps").is_empty());
         assert!(idx.in_namespace("other").is_empty());
     }
 }

@@ -170,32 +170,34 @@ pub fn inject_pod(
     let before_spec = spec.clone();
     let previous = injected_annotation(meta);
     let mut out = InjectOutcome::default();
+    let mut skips: BTreeMap<String, Skip> = BTreeMap::new();
     let mut drain = 0_i64;
 
     for c in matching(meta, connectors.iter().copied()) {
         let name = c.metadata.name.clone().unwrap_or_default();
-        if let Err(e) = c.spec.validate() {
-            out.skipped.push((name, format!("invalid spec: {e}")));
-            continue;
-        }
+        let spec_hash = c.spec.spec_hash();
         let cname = container_name(&name);
-        let clash = find(spec, &cname).map(|slot| match slot {
-            Slot::Init(i) => spec.init_containers.iter().flatten().nth(i).is_some_and(|c| !is_ours(c)),
-            Slot::Main(i) => spec.containers.get(i).is_some_and(|c| !is_ours(c)),
-        });
-        if clash == Some(true) {
-            out.skipped.push((name, format!("the pod already has a container named {cname}")));
-            continue;
-        }
-        if let Err(why) = container::check_volumes(c, spec) {
-            out.skipped.push((name, why));
+        let clash = || {
+            find(spec, &cname).is_some_and(|slot| match slot {
+                Slot::Init(i) => spec.init_containers.iter().flatten().nth(i).is_some_and(|c| !is_ours(c)),
+                Slot::Main(i) => spec.containers.get(i).is_some_and(|c| !is_ours(c)),
+            })
+        };
+        let refusal = match c.spec.validate() {
+            Err(e) => Some(format!("invalid spec: {e}")),
+            Ok(()) if clash() => Some(format!("the pod already has a container named {cname}")),
+            Ok(()) => container::check_volumes(c, spec).err(),
+        };
+        if let Some(reason) = refusal {
+            skips.insert(name.clone(), Skip { spec_hash, reason: reason.clone() });
+            out.skipped.push((name, reason));
             continue;
         }
         let sidecar = container::sidecar(c, namespace, cfg)
             .map_err(|source| InjectError::Encode { name: name.clone(), source })?;
         place(spec, sidecar, cfg.native_sidecars);
         drain = drain.max(c.spec.drain_timeout_seconds.map_or(DEFAULT_DRAIN_SECONDS, i64::from));
-        out.injected.insert(name, c.spec.spec_hash());
+        out.injected.insert(name, spec_hash);
     }
 
     for stale in previous.keys().filter(|n| !out.injected.contains_key(*n)) {
@@ -215,18 +217,6 @@ pub fn inject_pod(
         spec.init_containers = None;
     }
 
-    let skips: BTreeMap<&str, Skip> = out
-        .skipped
-        .iter()
-        .map(|(n, why)| {
-            let spec_hash = connectors
-                .iter()
-                .find(|c| c.metadata.name.as_deref() == Some(n.as_str()))
-                .map(|c| c.spec.spec_hash())
-                .unwrap_or_default();
-            (n.as_str(), Skip { spec_hash, reason: why.clone() })
-        })
-        .collect();
     let annotations = meta.annotations.get_or_insert_default();
     // Map serialization cannot fail; the fallback keeps the function total without a panic path.
     let mut record = |key: &str, value: Option<String>| match value {
