@@ -19,8 +19,9 @@ pub use secret::{SecretError, SecretKeySelector, SecretValue, secret_env_var};
 pub use sinks::*;
 pub use sources::*;
 pub use spec::{
-    Connector, ConnectorSpec, DEFAULT_COOKIE, DEFAULT_METRICS_PORT, Direction, ResourceSettings, SidecarVolumeMount,
-    WorkerEndpoint,
+    Connector, ConnectorSpec, DEFAULT_COOKIE, DEFAULT_HANDSHAKE_TIMEOUT_SECONDS, DEFAULT_MAX_CONNECTIONS,
+    DEFAULT_MAX_FRAME_BYTES, DEFAULT_METRICS_PORT, Direction, MIN_MAX_FRAME_BYTES, ResourceSettings,
+    SidecarVolumeMount, WorkerEndpoint,
 };
 pub use status::{Condition, ConnectorStatus};
 pub use validate::{FieldError, ValidationErrors};

@@ -110,7 +110,28 @@ pub struct WorkerEndpoint {
     /// HELLO instance name (source direction); defaults to the pod name.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub instance_name: Option<String>,
+    /// Largest frame accepted from the worker, in bytes (default 16 MiB). A sink reports a larger record as an
+    /// error and votes its round abort instead of buffering it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_frame_bytes: Option<u32>,
+    /// Sink: seconds a new connection has to send a valid HELLO before it is closed (default 10).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub handshake_timeout_seconds: Option<u32>,
+    /// Sink: seconds without any frame after which a worker connection is closed (default: never; dead peers are
+    /// found by TCP keepalive).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub idle_timeout_seconds: Option<u32>,
+    /// Sink: connections served at once, handshakes included (default 64); more are closed on accept.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_connections: Option<u32>,
 }
+
+/// Defaults of the worker-port limits.
+pub const DEFAULT_MAX_FRAME_BYTES: u32 = 16 * 1024 * 1024;
+pub const DEFAULT_HANDSHAKE_TIMEOUT_SECONDS: u32 = 10;
+pub const DEFAULT_MAX_CONNECTIONS: u32 = 64;
+/// The smallest frame limit that still carries any HELLO the wire allows (4 u16-length strings and a tag).
+pub const MIN_MAX_FRAME_BYTES: u32 = 1 + 4 * (2 + u16::MAX as u32);
 
 fn default_host() -> String {
     "127.0.0.1".to_string()
@@ -127,6 +148,10 @@ impl Default for WorkerEndpoint {
             refill_credits: None,
             program_name: None,
             instance_name: None,
+            max_frame_bytes: None,
+            handshake_timeout_seconds: None,
+            idle_timeout_seconds: None,
+            max_connections: None,
         }
     }
 }

@@ -126,6 +126,7 @@ impl ConnectorSpec {
         {
             c.fail("spec.worker.refillCredits", format!("must be below maxCredits ({max})"));
         }
+        check_worker_limits(&mut c, &self.worker);
         check_volume_mounts(&mut c, &self.volume_mounts);
         match (&self.source, &self.sink) {
             (Some(_), Some(_)) => c.fail("spec", "set exactly one of source or sink, not both"),
@@ -306,5 +307,28 @@ fn check_sink(c: &mut Check, s: &SinkSpec) {
         c.non_empty("spec.sink.kinesis.region", &k.region, "e.g. us-east-1");
         c.aws_keys("spec.sink.kinesis", &k.access_key_id_from, &k.secret_access_key_from);
         c.endpoint("spec.sink.kinesis.endpoint", &k.endpoint);
+    }
+}
+
+fn check_worker_limits(c: &mut Check, w: &crate::spec::WorkerEndpoint) {
+    use crate::spec::MIN_MAX_FRAME_BYTES;
+    if let Some(max) = w.max_frame_bytes
+        && max < MIN_MAX_FRAME_BYTES
+    {
+        c.fail(
+            "spec.worker.maxFrameBytes",
+            format!(
+                "{max} is too small: at least {MIN_MAX_FRAME_BYTES} (the largest HELLO) is needed; default 16777216"
+            ),
+        );
+    }
+    if w.handshake_timeout_seconds == Some(0) {
+        c.fail("spec.worker.handshakeTimeoutSeconds", "must be at least 1 (default 10)");
+    }
+    if w.idle_timeout_seconds == Some(0) {
+        c.fail("spec.worker.idleTimeoutSeconds", "must be at least 1; leave it out to never time out idle workers");
+    }
+    if w.max_connections == Some(0) {
+        c.fail("spec.worker.maxConnections", "must be at least 1 (default 64; one connection per worker)");
     }
 }

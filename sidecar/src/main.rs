@@ -71,6 +71,18 @@ fn shutdown_on_signals() -> CancellationToken {
     token
 }
 
+/// The drain is cooperative; anything stuck past it (an external call that never returns, a peer that never
+/// reads) must not keep the pod past its grace period. What was acknowledged is committed by then; the rest is
+/// replayed or resolved on reconnect, so leaving is safe.
+fn hard_stop_after_drain(shutdown: CancellationToken, limit: std::time::Duration) {
+    tokio::spawn(async move {
+        shutdown.cancelled().await;
+        tokio::time::sleep(limit).await;
+        tracing::error!(seconds = limit.as_secs(), "still running this long after shutdown was requested; exiting");
+        std::process::exit(1);
+    });
+}
+
 fn load(file: Option<PathBuf>, name: Option<String>) -> anyhow::Result<wallaroo_crds::Connector> {
     let connectors = match file {
         Some(path) => wallaroo_crds::load_connectors(&path)?,
@@ -99,6 +111,8 @@ async fn main() -> anyhow::Result<()> {
         Cmd::Run { file, name, admin_addr } => {
             let connector = load(file, name)?;
             let shutdown = shutdown_on_signals();
+            let drain = u64::from(connector.spec.drain_timeout_seconds.unwrap_or(20));
+            hard_stop_after_drain(shutdown.clone(), std::time::Duration::from_secs(drain + 5));
             run(connector, RunOverrides { admin_addr, ..Default::default() }, shutdown).await?;
         }
         Cmd::Validate { file } => {

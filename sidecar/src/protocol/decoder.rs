@@ -73,3 +73,95 @@ impl Encoder<Frame> for FrameCodec {
         Ok(())
     }
 }
+
+/// The largest HELLO the wire can carry: a tag and four u16-length strings (spec 1.4). Before a peer has sent a
+/// valid HELLO nothing larger is buffered, so a peer without the cookie cannot make us hold 16 MiB per connection.
+pub const MAX_HELLO_FRAME: usize = 1 + 4 * (2 + u16::MAX as usize);
+
+/// Bytes of a MESSAGE frame that name it: tag, stream id, message id.
+const MESSAGE_HEAD: usize = 1 + 8 + 8;
+
+/// What a sink reads from a worker connection.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Inbound {
+    Frame(Frame),
+    /// A MESSAGE whose frame exceeds the limit: its head was read, the rest is skipped without buffering.
+    Oversize {
+        stream_id: u64,
+        message_id: u64,
+        frame_len: usize,
+        limit: usize,
+    },
+}
+
+/// The sink's frame reader. Until [`SinkDecoder::authenticated`] it accepts frames up to [`MAX_HELLO_FRAME`] and
+/// treats anything larger as an error; afterwards an over-limit MESSAGE is reported as [`Inbound::Oversize`] and
+/// skipped in constant memory, so one huge record cannot make the worker reconnect and resend it forever.
+#[derive(Debug, Clone)]
+pub struct SinkDecoder {
+    limit: usize,
+    max_frame: usize,
+    tolerate_oversize: bool,
+    skipping: usize,
+}
+
+impl SinkDecoder {
+    pub fn new(max_frame: usize) -> Self {
+        Self { limit: MAX_HELLO_FRAME.min(max_frame), max_frame, tolerate_oversize: false, skipping: 0 }
+    }
+
+    /// The peer proved it knows the cookie: allow full-size frames.
+    pub fn authenticated(&mut self) {
+        self.limit = self.max_frame;
+        self.tolerate_oversize = true;
+    }
+
+    pub fn limit(&self) -> usize {
+        self.limit
+    }
+}
+
+impl Decoder for SinkDecoder {
+    type Item = Inbound;
+    type Error = CodecError;
+
+    fn decode(&mut self, src: &mut BytesMut) -> Result<Option<Inbound>, CodecError> {
+        if self.skipping > 0 {
+            let n = self.skipping.min(src.len());
+            src.advance(n);
+            self.skipping -= n;
+            if self.skipping > 0 {
+                return Ok(None);
+            }
+        }
+        if src.len() < 4 {
+            return Ok(None);
+        }
+        let len = u32::from_be_bytes([src[0], src[1], src[2], src[3]]) as usize;
+        if len > self.limit {
+            let too_long = CodecError::from(DecodeError::TooLong { len, max: self.limit });
+            // Only a MESSAGE (a record) can be skipped and reported; any other frame that large is garbage.
+            if !self.tolerate_oversize || len < MESSAGE_HEAD || (src.len() > 4 && src[4] != super::codec::tag::MESSAGE)
+            {
+                return Err(too_long);
+            }
+            if src.len() < 4 + MESSAGE_HEAD {
+                return Ok(None);
+            }
+            let mut head = &src[5..4 + MESSAGE_HEAD];
+            let stream_id = head.get_u64();
+            let message_id = head.get_u64();
+            src.advance(4);
+            self.skipping = len;
+            let n = self.skipping.min(src.len());
+            src.advance(n);
+            self.skipping -= n;
+            return Ok(Some(Inbound::Oversize { stream_id, message_id, frame_len: len, limit: self.limit }));
+        }
+        let codec = FrameCodec::new(self.limit);
+        match codec.split_frame(src)? {
+            Some(body) => Ok(Some(Inbound::Frame(Frame::decode(body)?))),
+            None => Ok(None),
+        }
+    }
+}

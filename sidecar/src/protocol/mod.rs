@@ -11,7 +11,7 @@ mod stream_id;
 mod twopc;
 
 pub use codec::{DecodeError, EncodeError, Frame, Hello, Message, U64_MAX, encode_message, encode_message_parts, tag};
-pub use decoder::{CodecError, DEFAULT_MAX_FRAME, FrameCodec};
+pub use decoder::{CodecError, DEFAULT_MAX_FRAME, FrameCodec, Inbound, MAX_HELLO_FRAME, SinkDecoder};
 pub use stream_id::stream_id_for;
 pub use twopc::{TwoPc, WhereRange};
 
@@ -19,3 +19,6 @@ pub use twopc::{TwoPc, WhereRange};
 pub const SOURCE_VERSION: &str = "0.0.1";
 /// The version string a worker sink sends in HELLO (note the `v`).
 pub const SINK_VERSION: &str = "v0.0.1";
+
+#[cfg(test)]
+mod tests;

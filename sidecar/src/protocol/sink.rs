@@ -178,6 +178,10 @@ impl SinkSession {
                 } else if h.cookie.as_ref() != self.cfg.cookie.as_bytes() {
                     // Unlike the worker we do not echo the expected cookie back.
                     self.fail("Bad cookie".to_string(), true);
+                } else if std::str::from_utf8(&h.instance_name).is_err() || h.instance_name.is_empty() {
+                    // State is keyed by the worker name as text; two names that differ only in invalid bytes would
+                    // otherwise share one worker's transactions.
+                    self.fail("worker name (HELLO instance_name) must be non-empty UTF-8".to_string(), true);
                 } else {
                     self.worker = h.instance_name.clone();
                     self.send(Frame::Ok { initial_credits: self.cfg.credits });
@@ -233,6 +237,12 @@ impl SinkSession {
         }
         self.phase = Phase::Ready;
         let Some(txn) = self.preparing.take() else { return };
+        // Staging of the round's last batch can fail after the Phase-1 checks ran (the driver flushes it just
+        // before `prepare`); such a round is missing records and must not commit, whatever `prepare` said.
+        let vote = match (vote, self.force_abort.clone()) {
+            (Ok(()), Some(reason)) => Err(reason),
+            (vote, _) => vote,
+        };
         match vote {
             Ok(()) => {
                 self.send_2pc(TwoPc::Reply { txn_id: txn.id.clone(), commit: true });
@@ -269,8 +279,12 @@ impl SinkSession {
 
     fn on_data(&mut self, offset: u64, payload: Bytes) {
         let len = payload.len() as u64;
+        let Some(end) = offset.checked_add(len) else {
+            self.fail(format!("Protocol error: message at offset {offset} of {len} bytes overflows u64"), true);
+            return;
+        };
         if offset == self.expected {
-            self.expected += len;
+            self.expected = end;
             self.actions.push_back(SinkAction::Stage { offset, payload });
         } else if offset > self.expected {
             // Bytes went missing (e.g. dropped by the worker while disconnected): this round cannot commit.
@@ -278,15 +292,25 @@ impl SinkSession {
                 tracing::warn!(offset, expected = self.expected, "gap in worker output; next Phase 1 votes abort");
                 self.force_abort = Some(format!("gap: got offset {offset}, expected {}", self.expected));
             }
-        } else if offset + len > self.expected {
-            let skip = (self.expected - offset) as usize;
-            let rest = payload.slice(skip..);
-            let at = self.expected;
-            self.expected += rest.len() as u64;
-            self.actions.push_back(SinkAction::Stage { offset: at, payload: rest });
+        } else if end > self.expected {
+            // The worker sends whole encoder outputs at exact offsets; a message straddling what we hold is not a
+            // replay of it. Staging its tail would commit a truncated record nobody sent, so the round aborts.
+            self.poison(format!(
+                "message [{offset}, {end}) overlaps the received output, which ends at {}",
+                self.expected
+            ));
         } else {
             tracing::debug!(offset, len, expected = self.expected, "duplicate data skipped");
         }
+    }
+
+    /// A record larger than the frame limit arrived (its bytes were discarded unread). Nothing after it can be
+    /// staged contiguously, so the open round votes abort with a reason naming the record and the limit.
+    pub fn oversize(&mut self, stream_id: u64, message_id: u64, frame_len: usize, limit: usize) {
+        self.poison(format!(
+            "record at offset {message_id} (stream {stream_id}) is a {frame_len}-byte frame, over the limit of {limit} \
+             bytes (raise worker.maxFrameBytes or drop the record upstream)"
+        ));
     }
 
     fn on_2pc(&mut self, msg: TwoPc) {

@@ -75,6 +75,9 @@ struct Stream {
     granted: u64,
     /// Last message id sent on the current connection; ids must strictly increase.
     last_sent: Option<u64>,
+    /// Highest point of reference the worker can know of for this stream in this process: the largest id ever
+    /// sent or granted. An ACK beyond it claims durability for records never sent (spec 2.7), so it is refused.
+    known_max: Option<u64>,
     generation: u64,
     /// The integration said the stream ended (EOS wanted) at this generation.
     end_requested: bool,
@@ -240,6 +243,7 @@ impl SourceSession {
             acked: None,
             granted: U64_MAX,
             last_sent: None,
+            known_max: None,
             generation: 0,
             end_requested: false,
             final_por: U64_MAX,
@@ -300,6 +304,7 @@ impl SourceSession {
         }
         encode_message(&mut self.out, stream_id, por, key, payload)?;
         s.last_sent = Some(por);
+        s.known_max = Some(s.known_max.map_or(por, |m| m.max(por)));
         self.credits -= 1;
         Ok(Sent::Sent)
     }
@@ -318,7 +323,7 @@ impl SourceSession {
                 self.flush_control();
             }
             (_, Frame::Error { message }) => {
-                self.close(format!("worker sent ERROR: {}", String::from_utf8_lossy(&message)));
+                self.close(format!("worker sent ERROR: {}", redact_worker_error(&message)));
             }
             (_, Frame::Restart { address }) => {
                 let address =
@@ -357,6 +362,9 @@ impl SourceSession {
         }
         s.phase = StreamPhase::Open;
         s.granted = por;
+        if por != U64_MAX {
+            s.known_max = Some(s.known_max.map_or(por, |m| m.max(por)));
+        }
         s.last_sent = None;
         s.generation += 1;
         s.end_requested = false;
@@ -371,6 +379,14 @@ impl SourceSession {
         self.credits = self.credits.saturating_add(credits);
         for &(stream_id, por) in acks {
             let Some(s) = self.streams.get_mut(&stream_id) else { continue };
+            if por != U64_MAX && s.known_max.is_none_or(|max| por > max) {
+                // Committing upstream through a point never sent would lose every record in between.
+                let known = s.known_max.map_or_else(|| "nothing".to_string(), |m| m.to_string());
+                self.close(format!(
+                    "protocol violation: ACK for stream {stream_id:#x} through {por}, but only {known} was sent or granted"
+                ));
+                return;
+            }
             if por != U64_MAX {
                 match s.acked {
                     Some(prev) if por < prev => {
@@ -410,8 +426,13 @@ impl SourceSession {
             let frame = match s.phase {
                 StreamPhase::Pending => {
                     s.phase = StreamPhase::Notifying;
-                    // Spec 2.5: send 0 or the true last-acked value and accept whatever comes back.
-                    Frame::Notify { stream_id: id, stream_name: s.name.clone(), point_of_ref: s.acked.unwrap_or(0) }
+                    // Spec 2.5: the true last-acked value, or U64_MAX when none is known (never 0: a remote registry
+                    // leader grants the NOTIFY's value back, and 0 would skip the record at 0).
+                    Frame::Notify {
+                        stream_id: id,
+                        stream_name: s.name.clone(),
+                        point_of_ref: s.acked.unwrap_or(U64_MAX),
+                    }
                 }
                 StreamPhase::Ending => Frame::Eos { stream_id: id },
                 _ => continue,
@@ -422,5 +443,15 @@ impl SourceSession {
             }
             self.credits -= 1;
         }
+    }
+}
+
+/// The worker's "Bad cookie: <got>, wanted: <configured>" quotes both cookies (spec 2.2); neither may reach logs.
+pub(crate) fn redact_worker_error(message: &[u8]) -> String {
+    let text = String::from_utf8_lossy(message);
+    if text.starts_with("Bad cookie") {
+        "Bad cookie (the worker's message quotes the cookies and is withheld; check worker.cookie)".to_string()
+    } else {
+        text.into_owned()
     }
 }

@@ -65,6 +65,7 @@ pub async fn run(connector: Connector, overrides: RunOverrides, shutdown: Cancel
     let drain = overrides
         .drain_timeout
         .unwrap_or_else(|| Duration::from_secs(u64::from(spec.drain_timeout_seconds.unwrap_or(20))));
+    let max_frame = spec.worker.max_frame_bytes.unwrap_or(wallaroo_crds::DEFAULT_MAX_FRAME_BYTES) as usize;
     let result = match direction {
         Direction::Source => {
             let source_spec = spec.source.as_ref().ok_or_else(|| RunError::Invalid("spec.source missing".into()))?;
@@ -77,6 +78,7 @@ pub async fn run(connector: Connector, overrides: RunOverrides, shutdown: Cancel
             };
             let mut cfg = SourceDriverConfig::new(format!("{}:{}", spec.worker.host, spec.worker.port), session);
             cfg.drain_timeout = drain;
+            cfg.max_frame = max_frame;
             let driver = SourceDriver::start(cfg, integration, health.clone(), metrics.clone(), shutdown.clone());
             match driver.run(shutdown.clone()).await {
                 Ok(SourceOutcome::Completed) => {
@@ -100,6 +102,13 @@ pub async fn run(connector: Connector, overrides: RunOverrides, shutdown: Cancel
                 SinkSessionConfig { version: SINK_VERSION.to_string(), cookie, credits: 500 },
             );
             cfg.drain_timeout = drain;
+            cfg.max_frame = max_frame;
+            let w = &spec.worker;
+            cfg.handshake_timeout = Duration::from_secs(u64::from(
+                w.handshake_timeout_seconds.unwrap_or(wallaroo_crds::DEFAULT_HANDSHAKE_TIMEOUT_SECONDS),
+            ));
+            cfg.idle_timeout = w.idle_timeout_seconds.map(|s| Duration::from_secs(u64::from(s)));
+            cfg.max_connections = w.max_connections.unwrap_or(wallaroo_crds::DEFAULT_MAX_CONNECTIONS) as usize;
             let (_addr, serving) = sink_driver::start(cfg, sink, health.clone(), metrics.clone(), shutdown.clone())
                 .await
                 .map_err(|source| RunError::Listen { addr: listen, source })?;

@@ -9,15 +9,15 @@ use bytes::Bytes;
 use futures::{FutureExt, StreamExt};
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::Mutex;
+use tokio::sync::{Mutex, OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 use tokio_util::codec::FramedRead;
 use tokio_util::sync::CancellationToken;
 
 use super::sink_api::{SinkError, SinkIntegration, SinkRecord};
 use super::{Health, Metrics};
-use crate::protocol::FrameCodec;
 use crate::protocol::sink::{SinkAction, SinkSession, SinkSessionConfig};
+use crate::protocol::{Inbound, SinkDecoder};
 
 #[derive(Debug, Clone)]
 pub struct SinkDriverConfig {
@@ -29,6 +29,12 @@ pub struct SinkDriverConfig {
     /// Attempts for a transient failure of prepare/recover before giving up (vote abort / drop connection).
     pub attempts: u32,
     pub retry_initial: Duration,
+    /// A new connection must send a valid HELLO within this time.
+    pub handshake_timeout: Duration,
+    /// Close a worker connection after this long without a frame (`None`: never; TCP keepalive finds dead peers).
+    pub idle_timeout: Option<Duration>,
+    /// Connections served at once, handshakes included; more are closed on accept.
+    pub max_connections: usize,
 }
 
 impl SinkDriverConfig {
@@ -40,6 +46,9 @@ impl SinkDriverConfig {
             drain_timeout: Duration::from_secs(20),
             attempts: 5,
             retry_initial: Duration::from_millis(100),
+            handshake_timeout: Duration::from_secs(10),
+            idle_timeout: None,
+            max_connections: 64,
         }
     }
 }
@@ -53,6 +62,17 @@ struct Shared {
     sink: Arc<dyn SinkIntegration>,
     metrics: Metrics,
     owners: std::sync::Mutex<Owners>,
+}
+
+impl Shared {
+    /// Does a live connection own this worker name (holds its lock)?
+    fn is_connected(&self, worker: &Bytes) -> bool {
+        let owners = match self.owners.lock() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        };
+        owners.0.get(worker).is_some_and(|(lock, _)| lock.try_lock().is_err())
+    }
 }
 
 /// Binds the listener (port 0 picks one) and returns the address with the serving task.
@@ -74,13 +94,27 @@ pub async fn start(
 
 async fn serve(listener: TcpListener, shared: Arc<Shared>, health: Health, shutdown: CancellationToken) {
     let mut conns = tokio::task::JoinSet::new();
+    let permits = Arc::new(Semaphore::new(shared.cfg.max_connections.max(1)));
+    let mut refused_logged = false;
     loop {
         tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok((stream, peer)) => {
+                    let Ok(permit) = permits.clone().try_acquire_owned() else {
+                        // Closing at once keeps file descriptors for the workers we do serve.
+                        shared.metrics.error("connection_limit", "worker");
+                        if !refused_logged {
+                            tracing::warn!(%peer, max = shared.cfg.max_connections, "connection limit reached; closing new connections (spec.worker.maxConnections)");
+                            refused_logged = true;
+                        }
+                        drop(stream);
+                        continue;
+                    };
+                    refused_logged = false;
                     let _ = stream.set_nodelay(true);
+                    set_keepalive(&stream);
                     tracing::info!(%peer, "worker connected");
-                    conns.spawn(connection(stream, shared.clone(), shutdown.clone()));
+                    conns.spawn(connection(stream, shared.clone(), shutdown.clone(), permit));
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, "accept failed");
@@ -97,10 +131,27 @@ async fn serve(listener: TcpListener, shared: Arc<Shared>, health: Health, shutd
     while conns.join_next().await.is_some() {}
 }
 
-async fn connection(stream: TcpStream, shared: Arc<Shared>, shutdown: CancellationToken) {
+/// TCP keepalive finds a worker that vanished without a FIN (node lost, network cut) within about a minute.
+pub(crate) fn set_keepalive(stream: &TcpStream) {
+    let ka = socket2::TcpKeepalive::new()
+        .with_time(Duration::from_secs(30))
+        .with_interval(Duration::from_secs(10))
+        .with_retries(3);
+    if let Err(e) = socket2::SockRef::from(stream).set_tcp_keepalive(&ka) {
+        tracing::debug!(error = %e, "cannot enable TCP keepalive");
+    }
+}
+
+async fn connection(
+    stream: TcpStream,
+    shared: Arc<Shared>,
+    shutdown: CancellationToken,
+    _permit: OwnedSemaphorePermit,
+) {
     let me = CancellationToken::new();
     let (rd, mut wr) = stream.into_split();
-    let mut frames = FramedRead::with_capacity(rd, FrameCodec::new(shared.cfg.max_frame), 256 * 1024);
+    let mut frames = FramedRead::with_capacity(rd, SinkDecoder::new(shared.cfg.max_frame), 64 * 1024);
+    let handshake_deadline = Instant::now() + shared.cfg.handshake_timeout;
     let mut conn = Conn {
         session: SinkSession::new(shared.cfg.session.clone()),
         shared: shared.clone(),
@@ -121,8 +172,19 @@ async fn connection(stream: TcpStream, shared: Arc<Shared>, shutdown: Cancellati
             }
         }
         let far = Instant::now() + Duration::from_secs(3600);
+        let (read_deadline, what) = if conn.worker.is_empty() {
+            (handshake_deadline, "no valid HELLO within the handshake timeout (spec.worker.handshakeTimeoutSeconds)")
+        } else if let Some(idle) = shared.cfg.idle_timeout {
+            (Instant::now() + idle, "no frame within the idle timeout (spec.worker.idleTimeoutSeconds)")
+        } else {
+            (far, "")
+        };
         let first = tokio::select! {
             f = frames.next() => f,
+            _ = tokio::time::sleep_until(read_deadline) => {
+                shared.metrics.error("timeout", "worker");
+                break what.to_string();
+            }
             _ = me.cancelled() => break "another connection took over this worker".to_string(),
             _ = shutdown.cancelled(), if !shutdown.is_cancelled() => continue,
             _ = tokio::time::sleep_until(drain_until.unwrap_or(far)), if drain_until.is_some() => continue,
@@ -137,7 +199,15 @@ async fn connection(stream: TcpStream, shared: Arc<Shared>, shutdown: Cancellati
                     shared.metrics.error("decode", "worker");
                     break 'conn format!("bad frame from the worker: {e}");
                 }
-                Some(Ok(f)) => conn.session.on_frame(f),
+                Some(Ok(Inbound::Frame(f))) => conn.session.on_frame(f),
+                Some(Ok(Inbound::Oversize { stream_id, message_id, frame_len, limit })) => {
+                    shared.metrics.error("record_too_large", "worker");
+                    tracing::error!(worker = %conn.worker, stream_id, message_id, frame_len, limit, "record over the frame limit skipped unread; the round will vote abort (raise spec.worker.maxFrameBytes)");
+                    conn.session.oversize(stream_id, message_id, frame_len, limit);
+                }
+            }
+            if !conn.worker.is_empty() && frames.decoder().limit() < shared.cfg.max_frame {
+                frames.decoder_mut().authenticated();
             }
             if let Some(reason) = conn.run_actions().await {
                 break 'conn reason;
@@ -156,17 +226,24 @@ async fn connection(stream: TcpStream, shared: Arc<Shared>, shutdown: Cancellati
         }
         if conn.session.has_output() {
             let out = conn.session.take_output();
-            if let Err(e) = wr.write_all(&out).await {
-                break format!("write failed: {e}");
+            // A worker that stops reading must not hold shutdown hostage: the write gives up at the drain deadline.
+            let write = tokio::select! {
+                r = wr.write_all(&out) => r.map_err(|e| format!("write failed: {e}")),
+                _ = shutdown_deadline(&shutdown, shared.cfg.drain_timeout) => {
+                    Err("shutdown drain timeout while the worker was not reading".to_string())
+                }
+            };
+            if let Err(reason) = write {
+                break reason;
             }
         }
     };
-    // Best effort: replies queued before a close (e.g. an ERROR) still go out.
+    // Best effort, bounded: replies queued before a close (e.g. an ERROR) still go out.
     if conn.session.has_output() {
         let out = conn.session.take_output();
-        let _ = wr.write_all(&out).await;
+        let _ = tokio::time::timeout(Duration::from_secs(1), wr.write_all(&out)).await;
     }
-    let _ = wr.shutdown().await;
+    let _ = tokio::time::timeout(Duration::from_secs(1), wr.shutdown()).await;
     if !conn.worker.is_empty() {
         shared.metrics.worker_connected.dec();
     }
@@ -265,6 +342,13 @@ impl Conn {
                 }
                 SinkAction::Forget { workers } => {
                     for w in workers {
+                        if self.shared.is_connected(&w) {
+                            // A worker that is connected right now has not left; forgetting it would wipe the round
+                            // it voted on, and its Phase 2 would then publish nothing.
+                            self.shared.metrics.error("workers_left_connected", "worker");
+                            tracing::warn!(worker = %String::from_utf8_lossy(&w), "WorkersLeft names a connected worker; ignored for it");
+                            continue;
+                        }
                         let w = String::from_utf8_lossy(&w).into_owned();
                         tracing::info!(worker = %w, "worker left the cluster; forgetting its state");
                         if let Err(e) = self.shared.sink.forget(&w).await {
@@ -337,4 +421,10 @@ impl Conn {
             }
         }
     }
+}
+
+/// Resolves `drain` after shutdown fired; never before.
+async fn shutdown_deadline(shutdown: &CancellationToken, drain: Duration) {
+    shutdown.cancelled().await;
+    tokio::time::sleep(drain).await;
 }

@@ -163,6 +163,7 @@ impl SourceDriver {
                 Ok(Err(e)) => {
                     tracing::info!(%addr, error = %e, delay_ms = backoff.as_millis() as u64, "worker not reachable; retrying");
                     self.metrics.error("connect", "worker");
+                    self.revert_restart_address(&mut addr);
                     if self.sleep_or_stop(&mut backoff, &shutdown).await {
                         break Ok(SourceOutcome::Stopped { unacked: self.session.unacked_streams() });
                     }
@@ -171,6 +172,7 @@ impl SourceDriver {
                 Err(_) => {
                     tracing::info!(%addr, "connecting to the worker timed out; retrying");
                     self.metrics.error("connect_timeout", "worker");
+                    self.revert_restart_address(&mut addr);
                     if self.sleep_or_stop(&mut backoff, &shutdown).await {
                         break Ok(SourceOutcome::Stopped { unacked: self.session.unacked_streams() });
                     }
@@ -178,11 +180,12 @@ impl SourceDriver {
                 }
             };
             let _ = stream.set_nodelay(true);
+            super::sink_driver::set_keepalive(&stream);
             tracing::info!(%addr, "connected to the worker");
             match self.connection(stream, &shutdown, &mut backoff).await {
                 Ok(ConnEnd::Done(outcome)) => break Ok(outcome),
                 Ok(ConnEnd::Restart(new_addr)) => {
-                    if let Some(a) = new_addr {
+                    if let Some(a) = new_addr.filter(|a| valid_restart_address(a)) {
                         tracing::info!(from = %addr, to = %a, "worker sent RESTART");
                         addr = a;
                     } else {
@@ -216,6 +219,16 @@ impl SourceDriver {
             }
         }
         result
+    }
+
+    /// A RESTART address that cannot be reached is not our home: go back to the configured worker, which can
+    /// redirect us again. Without this a bad RESTART would cut the source off for good.
+    fn revert_restart_address(&self, addr: &mut String) {
+        if *addr != self.cfg.worker_addr {
+            tracing::warn!(restart_address = %addr, configured = %self.cfg.worker_addr, "RESTART address unreachable; returning to the configured worker");
+            self.metrics.error("restart_address", "worker");
+            *addr = self.cfg.worker_addr.clone();
+        }
     }
 
     /// Returns the integration's error once its task ended with one (the sidecar then exits non-zero instead
@@ -314,8 +327,25 @@ impl SourceDriver {
             self.metrics.credits_available.set(i64::from(self.session.credits()));
             if self.session.has_output() {
                 let out = self.session.take_output();
-                if let Err(e) = wr.write_all(&out).await {
-                    break self.lost(format!("write failed: {e}"));
+                // A worker that stops reading must not hold shutdown hostage past the drain deadline.
+                let drain_end = self.drain_until;
+                let write = tokio::select! {
+                    r = wr.write_all(&out) => r.map_err(|e| format!("write failed: {e}")),
+                    _ = async {
+                        shutdown.cancelled().await;
+                        match drain_end {
+                            Some(at) => tokio::time::sleep_until(at).await,
+                            None => tokio::time::sleep(self.cfg.drain_timeout).await,
+                        }
+                    } => Err("shutdown drain timeout while the worker was not reading".to_string()),
+                };
+                if let Err(reason) = write {
+                    if shutdown.is_cancelled() {
+                        let unacked = self.session.unacked_streams();
+                        tracing::warn!(unacked, %reason, "stopping with unacknowledged data (it will be replayed)");
+                        break ConnEnd::Done(SourceOutcome::Stopped { unacked });
+                    }
+                    break self.lost(reason);
                 }
                 // More may be ready right away (a batch larger than one chunk); go around before waiting.
                 if self.session.can_send()
@@ -462,4 +492,9 @@ impl SourceDriver {
         }
         Ok(())
     }
+}
+
+/// `host:port` with a numeric port: anything else cannot be connected to, so the RESTART is taken as "same address".
+fn valid_restart_address(a: &str) -> bool {
+    a.rsplit_once(':').is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p != 0))
 }
