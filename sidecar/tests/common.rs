@@ -62,7 +62,7 @@ pub fn assert_same(got: &[String], want: &[String]) {
 #[track_caller]
 pub fn clean(s: &wallaroo_connector::sim::SourceSimState) {
     let st = s.stats();
-    assert_eq!((st.credit_overruns, st.second_hello, st.protocol_errors), (0, 0, 0), "{st:?}");
+    assert_eq!((st.credit_overruns, st.second_hello, st.protocol_errors, st.id_regressions), (0, 0, 0, 0), "{st:?}");
 }
 
 pub struct Sidecar {

@@ -69,6 +69,7 @@ pub async fn run(args: SimArgs, shutdown: CancellationToken) -> anyhow::Result<(
                 // With a sink, checkpoints are driven below so both sides agree.
                 checkpoint_every: if args.sink_connect.is_some() { None } else { Some(period) },
                 keep_payloads: false,
+                ..Default::default()
             };
             let sim =
                 SourceSim::start_with_output(cfg, Some(tx)).await.with_context(|| format!("listen on {listen}"))?;

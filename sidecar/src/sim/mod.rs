@@ -11,4 +11,4 @@ mod sink_sim;
 mod source_sim;
 
 pub use sink_sim::{RoundOutcome, SinkSim, SinkSimConfig, SinkSimError};
-pub use source_sim::{Processed, SimStats, SourceSim, SourceSimConfig, SourceSimState};
+pub use source_sim::{Leader, Processed, SimStats, SourceSim, SourceSimConfig, SourceSimState};

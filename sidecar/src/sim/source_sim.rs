@@ -23,6 +23,21 @@ pub struct SourceSimConfig {
     pub checkpoint_every: Option<Duration>,
     /// Keep every processed payload (tests); benchmarks only count.
     pub keep_payloads: bool,
+    /// Where the stream registry's leader lives (spec 2.5): a remote leader grants a new stream the point of
+    /// reference the connector sent in its NOTIFY, the local one grants U64_MAX.
+    pub leader: Leader,
+    /// Resilience on: checkpoints ACK streams. Off: ACKs carry credits only and EOS is acked at once (spec 2.7).
+    pub resilient: bool,
+    /// How long a rollback lasts (spec 2.9): connections made meanwhile get their NOTIFYs refused and their
+    /// MESSAGEs dropped, then a RESTART.
+    pub rollback_window: Duration,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Leader {
+    #[default]
+    Local,
+    Remote,
 }
 
 impl Default for SourceSimConfig {
@@ -34,6 +49,9 @@ impl Default for SourceSimConfig {
             refill_credits: 50,
             checkpoint_every: Some(Duration::from_millis(100)),
             keep_payloads: true,
+            leader: Leader::Local,
+            resilient: true,
+            rollback_window: Duration::ZERO,
         }
     }
 }
@@ -43,7 +61,12 @@ impl Default for SourceSimConfig {
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct SimStats {
     pub connections: u64,
+    /// Frames received beyond the credits granted. The real worker does not notice (its u32 wraps and refills
+    /// misbehave, spec 2.4); the model counts it and closes the connection, so an overrun can never pass a test.
     pub credit_overruns: u64,
+    /// MESSAGE ids that did not increase on one connection (spec 2.11 rule 4): the worker would drop them
+    /// silently as duplicates, losing the records.
+    pub id_regressions: u64,
     pub second_hello: u64,
     pub protocol_errors: u64,
     pub duplicates: u64,
@@ -63,6 +86,8 @@ pub struct Processed {
 #[derive(Debug, Default)]
 struct StreamRec {
     name: Bytes,
+    /// The registry has granted this stream before (it is no longer "new", spec 2.5).
+    seen: bool,
     active_conn: Option<u64>,
     /// Last checkpointed point of reference (U64_MAX: nothing yet).
     last_acked: u64,
@@ -77,6 +102,8 @@ struct StreamRec {
 #[derive(Debug)]
 struct ConnStream {
     last_seen: u64,
+    /// Last id this connection sent on the stream.
+    last_id: Option<u64>,
     /// EOS received: close at the first checkpoint with id >= this.
     close_on_or_after: Option<u64>,
 }
@@ -84,6 +111,10 @@ struct ConnStream {
 struct Conn {
     tx: mpsc::Sender<Out>,
     credits: u32,
+    /// Credits the connector was given on this connection (OK plus every ACK) and frames it sent after HELLO.
+    granted: u64,
+    received: u64,
+    refill_owed: bool,
     streaming: bool,
     streams: HashMap<u64, ConnStream>,
 }
@@ -101,6 +132,8 @@ pub struct SourceSimState {
     conns: HashMap<u64, Conn>,
     checkpoint_id: u64,
     stalled: bool,
+    credits_stalled: bool,
+    rolling_back: bool,
     next_conn: u64,
     stats: SimStats,
 }
@@ -138,8 +171,13 @@ impl SourceSimState {
         self.stats.clone()
     }
 
-    fn send(&self, conn: u64, frame: Frame) {
-        if let Some(c) = self.conns.get(&conn) {
+    fn send(&mut self, conn: u64, frame: Frame) {
+        if let Some(c) = self.conns.get_mut(&conn) {
+            match &frame {
+                Frame::Ok { initial_credits } => c.granted = u64::from(*initial_credits),
+                Frame::Ack { credits, .. } => c.granted += u64::from(*credits),
+                _ => {}
+            }
             let mut buf = BytesMut::new();
             if frame.encode(&mut buf).is_ok() {
                 // A full writer queue means the connector stopped reading; dropping a reply would be a lie, so
@@ -174,14 +212,25 @@ impl SourceSimState {
         let max = self.cfg.max_credits;
         let refill = self.cfg.refill_credits;
         let Some(c) = self.conns.get_mut(&conn) else { return };
-        if c.credits == 0 {
-            self.stats.credit_overruns += 1;
+        if c.streaming {
+            c.received += 1;
+            if c.received > c.granted {
+                self.stats.credit_overruns += 1;
+                let msg = format!("credit overrun: frame {} after {} credits granted", c.received, c.granted);
+                return self.error_and_close(conn, msg);
+            }
         }
         c.credits = c.credits.wrapping_sub(1);
         if c.streaming && c.credits <= refill {
-            let add = max.wrapping_sub(c.credits);
-            c.credits = max;
-            self.send(conn, Frame::Ack { credits: add, acks: vec![] });
+            if self.credits_stalled {
+                // A slow worker: the refill is owed and sent when the stall ends. A connector that does not wait
+                // for it overruns what it was actually granted, which the check above then sees.
+                c.refill_owed = true;
+            } else {
+                let add = max.wrapping_sub(c.credits);
+                c.credits = max;
+                self.send(conn, Frame::Ack { credits: add, acks: vec![] });
+            }
         }
         let Some(c) = self.conns.get_mut(&conn) else { return };
         let streaming = c.streaming;
@@ -214,15 +263,21 @@ impl SourceSimState {
                     last_acked: U64_MAX,
                     ..Default::default()
                 });
-                if here || rec.active_conn.is_some() {
+                let new_stream = rec.last_acked == U64_MAX && rec.processed_count == 0 && !rec.seen;
+                if here || rec.active_conn.is_some() || self.rolling_back {
                     self.send(conn, Frame::NotifyAck { success: false, stream_id, point_of_ref });
                     return;
                 }
                 rec.active_conn = Some(conn);
                 rec.finished = false;
-                let por = rec.last_acked;
+                rec.seen = true;
+                // Spec 2.5: a remote leader answers a new stream with the connector's own NOTIFY value.
+                let por = if new_stream && self.cfg.leader == Leader::Remote { point_of_ref } else { rec.last_acked };
+                if new_stream {
+                    rec.last_acked = por;
+                }
                 if let Some(c) = self.conns.get_mut(&conn) {
-                    c.streams.insert(stream_id, ConnStream { last_seen: por, close_on_or_after: None });
+                    c.streams.insert(stream_id, ConnStream { last_seen: por, last_id: None, close_on_or_after: None });
                 }
                 self.send(conn, Frame::NotifyAck { success: true, stream_id, point_of_ref: por });
             }
@@ -234,6 +289,20 @@ impl SourceSimState {
                     let msg = format!("Bad/unregistered stream_id {} with message_id {}", m.stream_id, m.message_id);
                     return self.error_and_close(conn, msg);
                 };
+                if self.rolling_back {
+                    return;
+                }
+                if let Some(last) = cs.last_id
+                    && m.message_id <= last
+                {
+                    self.stats.id_regressions += 1;
+                    let msg = format!(
+                        "message id {} after {last} on stream {}: ids must increase",
+                        m.message_id, m.stream_id
+                    );
+                    return self.error_and_close(conn, msg);
+                }
+                cs.last_id = Some(m.message_id);
                 if cs.last_seen != U64_MAX && m.message_id <= cs.last_seen {
                     self.stats.duplicates += 1;
                     return;
@@ -249,8 +318,20 @@ impl SourceSimState {
             }
             Frame::Eos { stream_id } => {
                 let next = self.checkpoint_id + 1;
+                let resilient = self.cfg.resilient;
                 match c.streams.get_mut(&stream_id) {
-                    Some(cs) if cs.close_on_or_after.is_none() => cs.close_on_or_after = Some(next),
+                    Some(cs) if cs.close_on_or_after.is_none() && resilient => cs.close_on_or_after = Some(next),
+                    Some(cs) if cs.close_on_or_after.is_none() => {
+                        // Non-resilient: ACK(0, [(sid, last_seen)]) at once, then relinquish (spec 2.8).
+                        let last = cs.last_seen;
+                        c.streams.remove(&stream_id);
+                        if let Some(rec) = self.streams.get_mut(&stream_id) {
+                            rec.active_conn = None;
+                            rec.finished = true;
+                            self.stats.eos_completed += 1;
+                        }
+                        self.send(conn, Frame::Ack { credits: 0, acks: vec![(stream_id, last)] });
+                    }
                     _ => self.error_and_close(conn, "Unable to decode message".into()),
                 }
             }
@@ -269,9 +350,19 @@ impl SourceSimState {
         self.stats.checkpoints += 1;
         let id = self.checkpoint_id;
         let max = self.cfg.max_credits;
+        let resilient = self.cfg.resilient;
         let mut sends = Vec::new();
         for (&conn_id, c) in self.conns.iter_mut() {
             if !c.streaming {
+                continue;
+            }
+            if !resilient {
+                // No checkpoints without resilience: only credits are topped up.
+                let add = max.wrapping_sub(c.credits);
+                c.credits = max;
+                if add > 0 {
+                    sends.push((conn_id, Frame::Ack { credits: add, acks: vec![] }));
+                }
                 continue;
             }
             let mut entries = Vec::new();
@@ -313,13 +404,13 @@ impl SourceSimState {
 
     /// Rollback (spec 2.9): processed effects since the last checkpoint are undone, every connection is told to
     /// RESTART (or just closed) and its streams go back to the registry at their checkpointed point.
-    fn rollback(&mut self, send_restart: bool) {
+    fn rollback(&mut self, send_restart: bool, to: Option<String>) {
         for rec in self.streams.values_mut() {
             rec.processed.truncate(rec.committed_len);
             rec.processed_count = rec.committed_count;
         }
         let conns: Vec<u64> = self.conns.keys().copied().collect();
-        let address = Bytes::from(self.addr.to_string());
+        let address = Bytes::from(to.unwrap_or_else(|| self.addr.to_string()));
         for conn in conns {
             if send_restart {
                 self.stats.restarts += 1;
@@ -370,6 +461,8 @@ impl SourceSim {
             conns: HashMap::new(),
             checkpoint_id: 0,
             stalled: false,
+            credits_stalled: false,
+            rolling_back: false,
             next_conn: 0,
             stats: SimStats::default(),
         }));
@@ -440,6 +533,29 @@ impl SourceSim {
     pub fn stall_acks(&self, stalled: bool) {
         lock(&self.state).stalled = stalled;
     }
+    /// Fault: hold back (or release) credit refills, as a busy worker does; checkpoint ACKs still top up.
+    pub fn stall_credits(&self, stalled: bool) {
+        let mut s = lock(&self.state);
+        s.credits_stalled = stalled;
+        if stalled {
+            return;
+        }
+        let max = s.cfg.max_credits;
+        let owed: Vec<(u64, u32)> = s
+            .conns
+            .iter_mut()
+            .filter(|(_, c)| c.refill_owed && c.streaming)
+            .map(|(id, c)| {
+                c.refill_owed = false;
+                let add = max.wrapping_sub(c.credits);
+                c.credits = max;
+                (*id, add)
+            })
+            .collect();
+        for (conn, add) in owed {
+            s.send(conn, Frame::Ack { credits: add, acks: vec![] });
+        }
+    }
     /// Fault: drop every connection (a network blip; no rollback).
     pub fn drop_connections(&self) {
         let mut s = lock(&self.state);
@@ -450,11 +566,32 @@ impl SourceSim {
     }
     /// Fault: roll back to the last checkpoint and send RESTART to every connection.
     pub fn restart_connections(&self) {
-        lock(&self.state).rollback(true);
+        lock(&self.state).rollback(true, None);
+    }
+    /// Fault: roll back and send RESTART naming another address (a shrink moving the source, spec 2.9).
+    pub fn restart_connections_to(&self, address: &str) {
+        lock(&self.state).rollback(true, Some(address.to_string()));
     }
     /// Fault: roll back to the last checkpoint and close every connection (what a rollback looks like).
+    /// With a `rollback_window`, connections made during it get NOTIFY refused and MESSAGEs dropped, then RESTART.
     pub fn rollback(&self) {
-        lock(&self.state).rollback(false);
+        let window = {
+            let mut s = lock(&self.state);
+            s.rollback(false, None);
+            s.cfg.rollback_window
+        };
+        if window.is_zero() {
+            return;
+        }
+        lock(&self.state).rolling_back = true;
+        let state = self.state.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(window).await;
+            let mut s = lock(&state);
+            s.rolling_back = false;
+            // Sessions still active at rollback_complete are told to RESTART (spec 2.9 step 3).
+            s.rollback(true, None);
+        });
     }
 }
 
@@ -495,7 +632,18 @@ async fn connection(
         s.stats.connections += 1;
         let id = s.next_conn;
         let credits = s.cfg.max_credits;
-        s.conns.insert(id, Conn { tx, credits, streaming: false, streams: HashMap::new() });
+        s.conns.insert(
+            id,
+            Conn {
+                tx,
+                credits,
+                granted: 0,
+                received: 0,
+                refill_owed: false,
+                streaming: false,
+                streams: HashMap::new(),
+            },
+        );
         id
     };
     let writer = tokio::spawn(async move {
