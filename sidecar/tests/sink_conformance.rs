@@ -181,7 +181,10 @@ async fn several_workers_at_once_keep_separate_outputs() {
     for t in tasks {
         sims.push(t.await.unwrap());
     }
-    // After a shrink, a remaining worker tells the sink who left.
+    // After a shrink, a remaining worker tells the sink who left. The leaving worker is gone first: a WorkersLeft
+    // naming a worker that is still connected is ignored for it (its voted round must survive).
+    drop(sims.pop());
+    tokio::time::sleep(Duration::from_millis(300)).await;
     let mut w = sims.swap_remove(1);
     w.workers_left(&["worker2"]).await.unwrap();
     settle(&mut w).await;
@@ -190,6 +193,71 @@ async fn several_workers_at_once_keep_separate_outputs() {
     }
     // worker2 left the cluster: its files were archived.
     assert!(!dir.path().join("worker2.out").exists());
+}
+
+#[tokio::test]
+async fn workers_left_naming_a_connected_worker_keeps_its_voted_round() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_sink, addr) = start(dir.path()).await;
+    let mut w1 = SinkSim::connect(SinkSimConfig::new(addr, "w1")).await.unwrap();
+    let mut w2 = SinkSim::connect(SinkSimConfig::new(addr, "w2")).await.unwrap();
+    send_range(&mut w1, 0..40).await;
+    assert!(w1.phase1().await.unwrap(), "w1 votes commit");
+    w2.workers_left(&["w1"]).await.unwrap();
+    settle(&mut w2).await;
+    w1.phase2_commit().await.unwrap();
+    settle(&mut w1).await;
+    assert_eq!(committed_output(dir.path(), "w1").unwrap(), expected(0..40), "w1's round was wiped");
+}
+
+#[tokio::test]
+async fn duplicates_and_unknown_phase2_are_harmless() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_sink, addr) = start(dir.path()).await;
+    let mut w = SinkSim::connect(SinkSimConfig::new(addr, "w1")).await.unwrap();
+    send_range(&mut w, 0..10).await;
+    w.resend_tail(&rec(9)).await.unwrap();
+    w.phase2_unknown(true).await.unwrap();
+    w.phase2_unknown(false).await.unwrap();
+    // A reply to any of those would be a stray frame, caught by the next Phase 1.
+    assert_eq!(w.checkpoint().await.unwrap(), RoundOutcome::Committed);
+    settle(&mut w).await;
+    assert_eq!(committed_output(dir.path(), "w1").unwrap(), expected(0..10));
+}
+
+#[tokio::test]
+async fn a_dropped_connection_reconnects_at_the_current_offset_then_the_worker_rolls_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_sink, addr) = start(dir.path()).await;
+    let mut w = SinkSim::connect(SinkSimConfig::new(addr, "w1")).await.unwrap();
+    send_range(&mut w, 0..10).await;
+    settle(&mut w).await;
+    send_range(&mut w, 10..20).await;
+    w.flush().await.unwrap();
+    w.disconnect();
+    // The worker comes back at its current offset and keeps sending after what it already sent...
+    w.reconnect().await.unwrap();
+    send_range(&mut w, 20..30).await;
+    // ...then aborts the checkpoint, rolls back to the last commit and reconnects.
+    assert_eq!(w.checkpoint().await.unwrap(), RoundOutcome::Aborted);
+    w.reconnect().await.unwrap();
+    send_range(&mut w, 10..30).await;
+    settle(&mut w).await;
+    settle(&mut w).await;
+    assert_eq!(committed_output(dir.path(), "w1").unwrap(), expected(0..30));
+}
+
+#[tokio::test]
+async fn a_takeover_by_a_new_connection_for_the_same_worker_wins() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_sink, addr) = start(dir.path()).await;
+    let mut old = SinkSim::connect(SinkSimConfig::new(addr, "w1")).await.unwrap();
+    send_range(&mut old, 0..10).await;
+    settle(&mut old).await;
+    // The worker's new connection (e.g. after a half-open old one) displaces the old one.
+    let _new = SinkSim::connect(SinkSimConfig::new(addr, "w1")).await.unwrap();
+    assert!(old.checkpoint().await.is_err(), "the displaced connection still answered");
+    assert_eq!(committed_output(dir.path(), "w1").unwrap(), expected(0..10));
 }
 
 #[tokio::test]

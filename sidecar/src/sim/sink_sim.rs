@@ -4,7 +4,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
-use futures::StreamExt;
+use futures::{FutureExt, StreamExt};
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
@@ -84,6 +84,8 @@ pub struct SinkSim {
     open_round: Option<(Bytes, u64)>,
     /// Transactions the last intro resolved (for tests): (txn, decision).
     pub resolved: Vec<(String, bool)>,
+    /// A 2PC-ready connection dropped: the worker aborts the next checkpoint (spec 3.5).
+    abort_next: bool,
 }
 
 impl SinkSim {
@@ -101,6 +103,7 @@ impl SinkSim {
             rtag: 77777,
             open_round: None,
             resolved: Vec::new(),
+            abort_next: false,
         };
         sim.reconnect().await?;
         Ok(sim)
@@ -129,8 +132,10 @@ impl SinkSim {
         let _ = stream.set_nodelay(true);
         let (rd, wr) = stream.into_split();
         self.conn = Some(Connection { frames: FramedRead::new(rd, FrameCodec::default()), wr });
-        // After any reconnect the worker resumes output from its last checkpoint.
-        self.offset = self.committed;
+        // Output produced while disconnected was dropped but still counted (spec 3.3): the sink sees a gap.
+        self.out.clear();
+        // The worker reconnects at its *current* output offset (spec 3.5); only a rollback resets it to the last
+        // checkpoint (see `rollback_round`). A sink must cope with both.
         self.open_round = None;
         self.rtag += 1;
         let mut buf = BytesMut::new();
@@ -210,6 +215,7 @@ impl SinkSim {
     /// Phase 1 of the next checkpoint; returns the sink's vote.
     pub async fn phase1(&mut self) -> Result<bool, SinkSimError> {
         self.flush().await?;
+        self.expect_quiet()?;
         self.checkpoint_id += 1;
         let txn = Bytes::from(self.txn_name(self.checkpoint_id));
         let where_list = vec![WhereRange { stream_id: 1, start: self.committed, end: self.offset }];
@@ -235,8 +241,14 @@ impl SinkSim {
         Ok(())
     }
 
-    /// A whole checkpoint: Phase 1, then Phase 2 commit, or a rollback when the sink votes abort.
+    /// A whole checkpoint: Phase 1, then Phase 2 commit, or a rollback when the sink votes abort. After a dropped
+    /// connection the worker aborts the checkpoint without a Phase 1 and rolls back (spec 3.5, 3.7).
     pub async fn checkpoint(&mut self) -> Result<RoundOutcome, SinkSimError> {
+        if std::mem::take(&mut self.abort_next) {
+            self.checkpoint_id += 1;
+            self.rollback_round();
+            return Ok(RoundOutcome::Aborted);
+        }
         if self.phase1().await? {
             self.phase2_commit().await?;
             Ok(RoundOutcome::Committed)
@@ -262,11 +274,58 @@ impl SinkSim {
         self.open_round = None;
         self.offset = self.committed;
         self.conn = None;
+        // Queued output is dropped by a rollback (spec 3.7 RollingBack), never sent on the next connection.
+        self.out.clear();
     }
 
-    /// Fault: drop the connection (nothing else changes; reconnect resumes from the last commit).
+    /// Fault: drop the connection. The worker reconnects at its current offset and aborts the next checkpoint,
+    /// which rolls everything back to the last commit (spec 3.5).
     pub fn disconnect(&mut self) {
-        self.conn = None;
+        if self.conn.take().is_some() {
+            self.abort_next = true;
+        }
+    }
+
+    /// Fault: resend the last `bytes` of output at their original offsets (a duplicate the sink must skip).
+    pub async fn resend_tail(&mut self, payload: &[u8]) -> Result<(), SinkSimError> {
+        let at =
+            self.offset.checked_sub(payload.len() as u64).ok_or(SinkSimError::Violation("nothing to resend".into()))?;
+        encode_message(&mut self.out, 1, at, None, payload).map_err(CodecError::from)?;
+        self.flush().await
+    }
+
+    /// Fault: a Phase 2 for a transaction the sink never saw (the sink must ignore it, without a reply).
+    pub async fn phase2_unknown(&mut self, commit: bool) -> Result<(), SinkSimError> {
+        let txn = Bytes::from(self.txn_name(self.checkpoint_id + 1000));
+        self.send_frame(TwoPc::Phase2 { txn_id: txn, commit }.to_frame().map_err(CodecError::from)?).await
+    }
+
+    /// The connection broke under us: like a dropped 2PC-ready connection, it aborts the next checkpoint.
+    fn lost(&mut self) {
+        if self.conn.take().is_some() {
+            self.abort_next = true;
+        }
+    }
+
+    /// Nothing may be waiting from the sink outside a request/reply exchange: a stray frame (a second vote, a
+    /// reply to Phase 2, an ERROR) is a violation the real worker would fail on.
+    fn expect_quiet(&mut self) -> Result<(), SinkSimError> {
+        let Some(conn) = self.conn.as_mut() else { return Ok(()) };
+        match conn.frames.next().now_or_never() {
+            None => Ok(()),
+            Some(None) => {
+                self.lost();
+                Err(SinkSimError::Closed)
+            }
+            Some(Some(Ok(f))) => {
+                self.lost();
+                Err(SinkSimError::Violation(format!("stray {} from the sink", f.name())))
+            }
+            Some(Some(Err(e))) => {
+                self.lost();
+                Err(e.into())
+            }
+        }
     }
 
     /// Sends WorkersLeft for the named workers (after an autoscale shrink).
@@ -285,7 +344,7 @@ impl SinkSim {
     async fn write(&mut self, buf: &[u8]) -> Result<(), SinkSimError> {
         let conn = self.conn.as_mut().ok_or(SinkSimError::NotConnected)?;
         if let Err(e) = conn.wr.write_all(buf).await {
-            self.conn = None;
+            self.lost();
             return Err(e.into());
         }
         Ok(())
@@ -297,22 +356,22 @@ impl SinkSim {
         let frame = match tokio::time::timeout(timeout, conn.frames.next()).await {
             Err(_) => return Err(SinkSimError::Timeout(timeout)),
             Ok(None) => {
-                self.conn = None;
+                self.lost();
                 return Err(SinkSimError::Closed);
             }
             Ok(Some(Err(e))) => {
-                self.conn = None;
+                self.lost();
                 return Err(e.into());
             }
             Ok(Some(Ok(f))) => f,
         };
         match frame {
             Frame::Error { message } => {
-                self.conn = None;
+                self.lost();
                 Err(SinkSimError::SinkError(String::from_utf8_lossy(&message).into_owned()))
             }
             Frame::Hello(_) | Frame::Notify { .. } | Frame::Ack { .. } | Frame::Restart { .. } => {
-                self.conn = None;
+                self.lost();
                 Err(SinkSimError::Violation(format!("the sink sent {} (fatal for a real worker)", frame.name())))
             }
             f => Ok(f),
