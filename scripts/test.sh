@@ -20,15 +20,10 @@ run() {  # run NAME CMD...: counts outcomes, keeps going so one report shows eve
 }
 
 step "toolchain: $(cargo --version)"
-# C toolchain and headers for the bundled librdkafka and the TLS stacks (Debian packages).
-missing=()
-for pkg in build-essential pkg-config libssl-dev zlib1g-dev; do
-  dpkg -s "$pkg" >/dev/null 2>&1 || missing+=("$pkg")
-done
-if [ "${#missing[@]}" -gt 0 ]; then
-  step "installing Debian packages: ${missing[*]}"
-  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
-fi
+# C toolchain and headers for the bundled librdkafka and the TLS stacks (Debian packages). apt.sh runs
+# `apt-get update` once for this script and the service scripts together.
+. tests/services/lib/apt.sh
+apt_install build-essential pkg-config libssl-dev zlib1g-dev
 
 # Kafka-protocol broker for the Kafka tests (15 minutes cold; cached outside the clone).
 if [ -d tests/services ] && ls tests/services/kafka*.sh >/dev/null 2>&1 && ! command -v tansu >/dev/null 2>&1; then
