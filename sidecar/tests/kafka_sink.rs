@@ -1,5 +1,5 @@
-//! The Kafka sink against a real Kafka-protocol broker (tansu, started by `tests/services/kafka.sh`), driven by
-//! the simulated worker.
+//! The Kafka sink against Apache Kafka (the shared broker started by `tests/services/kafka.sh`, or a private one
+//! for outages), driven by the simulated worker.
 mod kafka_common;
 
 use std::net::SocketAddr;
@@ -65,8 +65,15 @@ async fn start_sink_with_admin(
 
 /// Every record of the topic (one partition), as (key, value).
 fn read_all(topic: &str, want: usize) -> Vec<(Option<String>, String)> {
+    read_all_at(BROKER, topic, want)
+}
+
+/// Every record of the topic (one partition) on `brokers`, as (key, value); only committed transactional
+/// records (`read_committed`, which reads non-transactional records as they are).
+fn read_all_at(brokers: &str, topic: &str, want: usize) -> Vec<(Option<String>, String)> {
     let c: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", BROKER)
+        .set("bootstrap.servers", brokers)
+        .set("isolation.level", "read_committed")
         .set("group.id", unique("reader"))
         .set("enable.auto.commit", "false")
         .create()
@@ -171,6 +178,40 @@ async fn readyz_follows_a_broker_outage_and_rounds_commit_after_it() {
     let mut w = SinkSim::connect(SinkSimConfig::new(addr, "worker1")).await.unwrap();
     w.send(record(7).as_bytes()).await.unwrap();
     assert_eq!(w.checkpoint().await.unwrap(), RoundOutcome::Committed);
+    stop.cancel();
+    task.await.unwrap();
+    broker.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn rounds_commit_across_a_broker_restart() {
+    init_tracing();
+    // A real restart of the broker process between two rounds: the producer reconnects to the restarted broker
+    // and the next round commits; each record of both rounds is in the topic once.
+    let mut broker = PrivateBroker::start().await;
+    let brokers = broker.brokers.clone();
+    let topic = unique("sink-restart");
+    create_topic(&brokers, &topic, 1).await;
+    let sink_port = free_port();
+    let admin = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let (stop, task, addr) =
+        start_sink_with_admin(&sink_manifest_at(&brokers, sink_port, &topic, ""), sink_port, admin).await;
+    let mut w = SinkSim::connect(SinkSimConfig::new(addr, "worker1")).await.unwrap();
+    for i in 0..50 {
+        w.send(record(i).as_bytes()).await.unwrap();
+    }
+    assert_eq!(w.checkpoint().await.unwrap(), RoundOutcome::Committed);
+
+    broker.restart().await;
+    assert!(wait_readyz(admin, 200).await, "/readyz did not come back after the broker restart");
+    for i in 50..100 {
+        w.send(record(i).as_bytes()).await.unwrap();
+    }
+    assert_eq!(w.checkpoint().await.unwrap(), RoundOutcome::Committed);
+
+    let got = read_all_at(&brokers, &topic, 100);
+    let want: Vec<(Option<String>, String)> = (0..100).map(|i| (Some(format!("k{i}")), record(i))).collect();
+    assert_eq!(got, want);
     stop.cancel();
     task.await.unwrap();
     broker.stop().await;

@@ -1,5 +1,5 @@
 //! The per-worker round state machine of the Kafka sink, over a small [`TxnProducer`] trait so it is tested
-//! without a broker (the test broker, tansu, has no transactions).
+//! without a broker.
 //!
 //! Mapping of the 2PC calls:
 //! - `recover` → `init` (transactional: `init_transactions`, which fences an older producer with the same
