@@ -216,3 +216,78 @@ async fn rounds_commit_across_a_broker_restart() {
     task.await.unwrap();
     broker.stop().await;
 }
+
+fn transactional(yaml: String) -> String {
+    yaml.replace("      format: json\n", "      format: json\n      transactional: true\n")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn transactional_rounds_are_visible_once_committed_and_aborted_rounds_never() {
+    require_broker(BROKER);
+    let topic = unique("sink-txn");
+    create_topic(BROKER, &topic, 1).await;
+    let port = free_port();
+    let (stop, task, addr) = start_sink(&transactional(sink_manifest(port, &topic, "")), port).await;
+
+    let mut w = SinkSim::connect(SinkSimConfig::new(addr, "worker1")).await.unwrap();
+    for i in 0..20 {
+        w.send(record(i).as_bytes()).await.unwrap();
+    }
+    assert_eq!(w.checkpoint().await.unwrap(), RoundOutcome::Committed);
+    // Round 2 votes commit, then the checkpoint aborts cluster-wide: the worker rolls back, reconnects and the
+    // sink aborts the prepared transaction.
+    for i in 1000..1010 {
+        w.send(record(i).as_bytes()).await.unwrap();
+    }
+    assert!(w.phase1().await.unwrap(), "phase 1 voted abort");
+    w.rollback_round();
+    w.reconnect().await.unwrap();
+    for i in 20..40 {
+        w.send(record(i).as_bytes()).await.unwrap();
+    }
+    assert_eq!(w.checkpoint().await.unwrap(), RoundOutcome::Committed);
+
+    // read_committed: the committed rounds once each, nothing of the aborted one.
+    let got = read_all(&topic, 40);
+    let want: Vec<(Option<String>, String)> = (0..40).map(|i| (Some(format!("k{i}")), record(i))).collect();
+    assert_eq!(got, want);
+    stop.cancel();
+    task.await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_prepared_transaction_survives_a_worker_reconnect_and_commits_exactly_once() {
+    require_broker(BROKER);
+    let topic = unique("sink-txn-reconnect");
+    create_topic(BROKER, &topic, 1).await;
+    let port = free_port();
+    let (stop, task, addr) = start_sink(&transactional(sink_manifest(port, &topic, "")), port).await;
+
+    let mut w = SinkSim::connect(SinkSimConfig::new(addr, "worker1")).await.unwrap();
+    for i in 0..20 {
+        w.send(record(i).as_bytes()).await.unwrap();
+    }
+    assert_eq!(w.checkpoint().await.unwrap(), RoundOutcome::Committed);
+    for i in 20..50 {
+        w.send(record(i).as_bytes()).await.unwrap();
+    }
+    assert!(w.phase1().await.unwrap(), "phase 1 voted abort");
+    // The checkpoint completes cluster-wide, but the worker's connection drops before Phase 2 reaches the sink.
+    w.complete_without_phase2();
+    // The worker reconnects: ListUncommitted must list the prepared transaction, and the worker commits it.
+    w.reconnect().await.unwrap();
+    assert_eq!(w.resolved.len(), 1, "ListUncommitted did not list the prepared transaction");
+    assert!(w.resolved[0].1, "the worker did not commit {:?}", w.resolved);
+    // The producer keeps serving the worker after the reconnect.
+    for i in 50..60 {
+        w.send(record(i).as_bytes()).await.unwrap();
+    }
+    assert_eq!(w.checkpoint().await.unwrap(), RoundOutcome::Committed);
+
+    // read_committed: every record of the three rounds, each exactly once, in order.
+    let got = read_all(&topic, 60);
+    let want: Vec<(Option<String>, String)> = (0..60).map(|i| (Some(format!("k{i}")), record(i))).collect();
+    assert_eq!(got, want);
+    stop.cancel();
+    task.await.unwrap();
+}
