@@ -1,3 +1,4 @@
+# shellcheck shell=bash
 # Sourced (not run) by scripts/test.sh and tests/services/*.sh: installs Debian packages that are missing.
 #   apt_install PKG...   installs those of PKG that dpkg does not know as installed; no-op when all are there.
 # `apt-get update` runs at most once per run of the scripts: it is skipped while apt's package lists are fresher
