@@ -291,3 +291,50 @@ async fn a_prepared_transaction_survives_a_worker_reconnect_and_commits_exactly_
     stop.cancel();
     task.await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_fenced_producer_is_replaced_and_the_next_round_commits() {
+    use rdkafka::producer::{FutureProducer, Producer};
+    require_broker(BROKER);
+    let topic = unique("sink-txn-fenced");
+    create_topic(BROKER, &topic, 1).await;
+    let port = free_port();
+    let (stop, task, addr) = start_sink(&transactional(sink_manifest(port, &topic, "")), port).await;
+
+    let mut w = SinkSim::connect(SinkSimConfig::new(addr, "worker1")).await.unwrap();
+    for i in 0..10 {
+        w.send(record(i).as_bytes()).await.unwrap();
+    }
+    assert_eq!(w.checkpoint().await.unwrap(), RoundOutcome::Committed);
+    // Another producer with the worker's transactional.id (what a second sidecar instance would be) fences the
+    // sink's producer: librdkafka's producer is unusable from then on (a fatal error).
+    let fencer: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", BROKER)
+        .set("transactional.id", format!("wallaroo-{topic}-worker1"))
+        .create()
+        .unwrap();
+    let _fencer = tokio::task::spawn_blocking(move || {
+        fencer.init_transactions(Duration::from_secs(30)).unwrap();
+        fencer
+    })
+    .await
+    .unwrap();
+    // The next round cannot be delivered by the fenced producer: it votes abort.
+    for i in 1000..1010 {
+        w.send(record(i).as_bytes()).await.unwrap();
+    }
+    assert_eq!(w.checkpoint().await.unwrap(), RoundOutcome::Aborted);
+    // After the worker's rollback the sink serves it with a new producer (which fences the fencer in turn).
+    w.reconnect().await.unwrap();
+    for i in 10..20 {
+        w.send(record(i).as_bytes()).await.unwrap();
+    }
+    assert_eq!(w.checkpoint().await.unwrap(), RoundOutcome::Committed);
+
+    let got = read_all(&topic, 20);
+    let want: Vec<(Option<String>, String)> = (0..20).map(|i| (Some(format!("k{i}")), record(i))).collect();
+    assert_eq!(got, want);
+    assert!(!task.is_finished(), "the sink stopped");
+    stop.cancel();
+    task.await.unwrap();
+}

@@ -170,7 +170,9 @@ impl TxnProducer for RdProducer {
         // one and aborts whatever it left open.
         if self.initialized.load(std::sync::atomic::Ordering::Acquire) {
             let fresh = create(config, self.health.clone(), self.metrics.clone())?;
-            *self.producer.lock().unwrap_or_else(|e| e.into_inner()) = fresh;
+            let old = std::mem::replace(&mut *self.producer.lock().unwrap_or_else(|e| e.into_inner()), fresh);
+            // Dropping a producer purges and flushes it (up to half a second): not on an async worker thread.
+            tokio::task::spawn_blocking(move || drop(old));
         }
         self.blocking("init_transactions", |p| p.init_transactions(TXN_TIMEOUT)).await?;
         self.initialized.store(true, std::sync::atomic::Ordering::Release);
