@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Runs every test of the project on a fresh machine: installs what is missing (from crates.io, PyPI and Debian
-# only), starts the servers the tests talk to, then lints and tests everything. `.ci/run` calls this.
+# Runs every test of the project on a fresh machine: installs what is missing (from crates.io, PyPI, Maven Central
+# and Debian only), starts the servers the tests talk to (tests/services/*.sh install their own: PostgreSQL, Redis,
+# RabbitMQ, Apache Kafka, moto), then lints and tests everything. `.ci/run` calls this.
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$root"
@@ -8,7 +9,6 @@ cache="${WALLAROO_CACHE:-$HOME/.cache/wallaroo-connectors}"
 mkdir -p "$cache"
 # Build outputs live outside the clone so repeated runs are incremental.
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$cache/target}"
-export PATH="$cache/tools/bin:$PATH"
 export WALLAROO_SPEC_DIR="${WALLAROO_SPEC_DIR:-$root/../shared/spec}"
 
 step() { printf '\n==> %s\n' "$*"; }
@@ -20,21 +20,10 @@ run() {  # run NAME CMD...: counts outcomes, keeps going so one report shows eve
 }
 
 step "toolchain: $(cargo --version)"
-# C toolchain and headers for the bundled librdkafka and the TLS stacks (Debian packages).
-missing=()
-for pkg in build-essential pkg-config libssl-dev zlib1g-dev; do
-  dpkg -s "$pkg" >/dev/null 2>&1 || missing+=("$pkg")
-done
-if [ "${#missing[@]}" -gt 0 ]; then
-  step "installing Debian packages: ${missing[*]}"
-  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
-fi
-
-# Kafka-protocol broker for the Kafka tests (15 minutes cold; cached outside the clone).
-if [ -d tests/services ] && ls tests/services/kafka*.sh >/dev/null 2>&1 && ! command -v tansu >/dev/null 2>&1; then
-  step "installing tansu (Kafka-protocol broker) into $cache/tools"
-  cargo install --locked --root "$cache/tools" tansu --features dynostore
-fi
+# C toolchain and headers for the bundled librdkafka and the TLS stacks (Debian packages). apt.sh runs
+# `apt-get update` once for this script and the service scripts together.
+. tests/services/lib/apt.sh
+apt_install build-essential pkg-config libssl-dev zlib1g-dev
 
 step "starting services"
 for s in tests/services/*.sh; do

@@ -1,5 +1,5 @@
-//! The Kafka sink against a real Kafka-protocol broker (tansu, started by `tests/services/kafka.sh`), driven by
-//! the simulated worker.
+//! The Kafka sink against Apache Kafka (the shared broker started by `tests/services/kafka.sh`, or a private one
+//! for outages), driven by the simulated worker.
 mod kafka_common;
 
 use std::net::SocketAddr;
@@ -65,8 +65,15 @@ async fn start_sink_with_admin(
 
 /// Every record of the topic (one partition), as (key, value).
 fn read_all(topic: &str, want: usize) -> Vec<(Option<String>, String)> {
+    read_all_at(BROKER, topic, want)
+}
+
+/// Every record of the topic (one partition) on `brokers`, as (key, value); only committed transactional
+/// records (`read_committed`, which reads non-transactional records as they are).
+fn read_all_at(brokers: &str, topic: &str, want: usize) -> Vec<(Option<String>, String)> {
     let c: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", BROKER)
+        .set("bootstrap.servers", brokers)
+        .set("isolation.level", "read_committed")
         .set("group.id", unique("reader"))
         .set("enable.auto.commit", "false")
         .create()
@@ -174,4 +181,160 @@ async fn readyz_follows_a_broker_outage_and_rounds_commit_after_it() {
     stop.cancel();
     task.await.unwrap();
     broker.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn rounds_commit_across_a_broker_restart() {
+    init_tracing();
+    // A real restart of the broker process between two rounds: the producer reconnects to the restarted broker
+    // and the next round commits; each record of both rounds is in the topic once.
+    let mut broker = PrivateBroker::start().await;
+    let brokers = broker.brokers.clone();
+    let topic = unique("sink-restart");
+    create_topic(&brokers, &topic, 1).await;
+    let sink_port = free_port();
+    let admin = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let (stop, task, addr) =
+        start_sink_with_admin(&sink_manifest_at(&brokers, sink_port, &topic, ""), sink_port, admin).await;
+    let mut w = SinkSim::connect(SinkSimConfig::new(addr, "worker1")).await.unwrap();
+    for i in 0..50 {
+        w.send(record(i).as_bytes()).await.unwrap();
+    }
+    assert_eq!(w.checkpoint().await.unwrap(), RoundOutcome::Committed);
+
+    broker.restart().await;
+    assert!(wait_readyz(admin, 200).await, "/readyz did not come back after the broker restart");
+    for i in 50..100 {
+        w.send(record(i).as_bytes()).await.unwrap();
+    }
+    assert_eq!(w.checkpoint().await.unwrap(), RoundOutcome::Committed);
+
+    let got = read_all_at(&brokers, &topic, 100);
+    let want: Vec<(Option<String>, String)> = (0..100).map(|i| (Some(format!("k{i}")), record(i))).collect();
+    assert_eq!(got, want);
+    stop.cancel();
+    task.await.unwrap();
+    broker.stop().await;
+}
+
+fn transactional(yaml: String) -> String {
+    yaml.replace("      format: json\n", "      format: json\n      transactional: true\n")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn transactional_rounds_are_visible_once_committed_and_aborted_rounds_never() {
+    require_broker(BROKER);
+    let topic = unique("sink-txn");
+    create_topic(BROKER, &topic, 1).await;
+    let port = free_port();
+    let (stop, task, addr) = start_sink(&transactional(sink_manifest(port, &topic, "")), port).await;
+
+    let mut w = SinkSim::connect(SinkSimConfig::new(addr, "worker1")).await.unwrap();
+    for i in 0..20 {
+        w.send(record(i).as_bytes()).await.unwrap();
+    }
+    assert_eq!(w.checkpoint().await.unwrap(), RoundOutcome::Committed);
+    // Round 2 votes commit, then the checkpoint aborts cluster-wide: the worker rolls back, reconnects and the
+    // sink aborts the prepared transaction.
+    for i in 1000..1010 {
+        w.send(record(i).as_bytes()).await.unwrap();
+    }
+    assert!(w.phase1().await.unwrap(), "phase 1 voted abort");
+    w.rollback_round();
+    w.reconnect().await.unwrap();
+    for i in 20..40 {
+        w.send(record(i).as_bytes()).await.unwrap();
+    }
+    assert_eq!(w.checkpoint().await.unwrap(), RoundOutcome::Committed);
+
+    // read_committed: the committed rounds once each, nothing of the aborted one.
+    let got = read_all(&topic, 40);
+    let want: Vec<(Option<String>, String)> = (0..40).map(|i| (Some(format!("k{i}")), record(i))).collect();
+    assert_eq!(got, want);
+    stop.cancel();
+    task.await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_prepared_transaction_survives_a_worker_reconnect_and_commits_exactly_once() {
+    require_broker(BROKER);
+    let topic = unique("sink-txn-reconnect");
+    create_topic(BROKER, &topic, 1).await;
+    let port = free_port();
+    let (stop, task, addr) = start_sink(&transactional(sink_manifest(port, &topic, "")), port).await;
+
+    let mut w = SinkSim::connect(SinkSimConfig::new(addr, "worker1")).await.unwrap();
+    for i in 0..20 {
+        w.send(record(i).as_bytes()).await.unwrap();
+    }
+    assert_eq!(w.checkpoint().await.unwrap(), RoundOutcome::Committed);
+    for i in 20..50 {
+        w.send(record(i).as_bytes()).await.unwrap();
+    }
+    assert!(w.phase1().await.unwrap(), "phase 1 voted abort");
+    // The checkpoint completes cluster-wide, but the worker's connection drops before Phase 2 reaches the sink.
+    w.complete_without_phase2();
+    // The worker reconnects: ListUncommitted must list the prepared transaction, and the worker commits it.
+    w.reconnect().await.unwrap();
+    assert_eq!(w.resolved.len(), 1, "ListUncommitted did not list the prepared transaction");
+    assert!(w.resolved[0].1, "the worker did not commit {:?}", w.resolved);
+    // The producer keeps serving the worker after the reconnect.
+    for i in 50..60 {
+        w.send(record(i).as_bytes()).await.unwrap();
+    }
+    assert_eq!(w.checkpoint().await.unwrap(), RoundOutcome::Committed);
+
+    // read_committed: every record of the three rounds, each exactly once, in order.
+    let got = read_all(&topic, 60);
+    let want: Vec<(Option<String>, String)> = (0..60).map(|i| (Some(format!("k{i}")), record(i))).collect();
+    assert_eq!(got, want);
+    stop.cancel();
+    task.await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_fenced_producer_is_replaced_and_the_next_round_commits() {
+    use rdkafka::producer::{FutureProducer, Producer};
+    require_broker(BROKER);
+    let topic = unique("sink-txn-fenced");
+    create_topic(BROKER, &topic, 1).await;
+    let port = free_port();
+    let (stop, task, addr) = start_sink(&transactional(sink_manifest(port, &topic, "")), port).await;
+
+    let mut w = SinkSim::connect(SinkSimConfig::new(addr, "worker1")).await.unwrap();
+    for i in 0..10 {
+        w.send(record(i).as_bytes()).await.unwrap();
+    }
+    assert_eq!(w.checkpoint().await.unwrap(), RoundOutcome::Committed);
+    // Another producer with the worker's transactional.id (what a second sidecar instance would be) fences the
+    // sink's producer: librdkafka's producer is unusable from then on (a fatal error).
+    let fencer: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", BROKER)
+        .set("transactional.id", format!("wallaroo-{topic}-worker1"))
+        .create()
+        .unwrap();
+    let _fencer = tokio::task::spawn_blocking(move || {
+        fencer.init_transactions(Duration::from_secs(30)).unwrap();
+        fencer
+    })
+    .await
+    .unwrap();
+    // The next round cannot be delivered by the fenced producer: it votes abort.
+    for i in 1000..1010 {
+        w.send(record(i).as_bytes()).await.unwrap();
+    }
+    assert_eq!(w.checkpoint().await.unwrap(), RoundOutcome::Aborted);
+    // After the worker's rollback the sink serves it with a new producer (which fences the fencer in turn).
+    w.reconnect().await.unwrap();
+    for i in 10..20 {
+        w.send(record(i).as_bytes()).await.unwrap();
+    }
+    assert_eq!(w.checkpoint().await.unwrap(), RoundOutcome::Committed);
+
+    let got = read_all(&topic, 20);
+    let want: Vec<(Option<String>, String)> = (0..20).map(|i| (Some(format!("k{i}")), record(i))).collect();
+    assert_eq!(got, want);
+    assert!(!task.is_finished(), "the sink stopped");
+    stop.cancel();
+    task.await.unwrap();
 }

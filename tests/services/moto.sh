@@ -2,6 +2,7 @@
 # Starts a moto server (S3 + Kinesis emulator) on 127.0.0.1:5000 unless something already answers there.
 # Idempotent: safe to call before every test run. The venv lives under ~/.cache/wallaroo-connectors/venv-moto.
 set -euo pipefail
+. "$(dirname "$0")/lib/apt.sh"
 
 MOTO_VERSION="${MOTO_VERSION:-5.2.5}"
 HOST=127.0.0.1
@@ -26,7 +27,7 @@ if [ ! -x "${VENV}/bin/moto_server" ] || ! "${VENV}/bin/python" -c "import moto,
   if ! python3 -m venv "${VENV}" 2>/dev/null; then
     # Debian splits ensurepip out of python3.
     echo "moto: installing python3-venv"
-    apt-get update -qq && apt-get install -y -qq python3-venv >/dev/null
+    apt_install python3-venv
     rm -rf "${VENV}"
     python3 -m venv "${VENV}"
   fi

@@ -6,13 +6,11 @@
 #   tests/services/postgres-2pc.sh stop    stop it (the data directory stays for the next start)
 #   tests/services/postgres-2pc.sh restart
 set -euo pipefail
+. "$(dirname "$0")/lib/apt.sh"
 PORT=${PG2PC_PORT:-5433}
 DIR=${PG2PC_DIR:-/tmp/wallaroo-pg-2pc}
-BIN=$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -1)
-if [ -z "$BIN" ]; then
-  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null
-  BIN=$(ls -d /usr/lib/postgresql/*/bin | sort -V | tail -1)
-fi
+apt_install postgresql
+BIN=$(ls -d /usr/lib/postgresql/*/bin | sort -V | tail -1)
 as_pg() {
   if [ "$(id -u)" = 0 ]; then runuser -u postgres -- "$@"; else "$@"; fi
 }

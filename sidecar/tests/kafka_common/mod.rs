@@ -1,9 +1,11 @@
-//! Helpers for the Kafka integration tests: a real broker (tansu) on 127.0.0.1:9092 started by
-//! `tests/services/kafka.sh`, topics with random names, producing, reading committed group offsets.
+//! Helpers for the Kafka integration tests: a real broker (Apache Kafka, KRaft, single node) on 127.0.0.1:9092
+//! started by `tests/services/kafka.sh`, private brokers for outage tests, topics with random names, producing,
+//! reading committed group offsets.
 #![allow(dead_code)]
 
 use std::net::SocketAddr;
-use std::process::{Child, Command, Stdio};
+use std::path::PathBuf;
+use std::process::Command;
 use std::time::Duration;
 
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
@@ -105,7 +107,19 @@ pub fn committed(brokers: &str, group: &str, topic: &str, partitions: i32) -> Ve
     for p in 0..partitions {
         tpl.add_partition(topic, p);
     }
-    let got = c.committed_offsets(tpl, Duration::from_secs(10)).expect("committed offsets");
+    // Right after a broker (re)start the group coordinator may still be loading the offsets topic: ask again.
+    let mut attempt = 0;
+    let got = loop {
+        match c.committed_offsets(tpl.clone(), Duration::from_secs(10)) {
+            Ok(got) => break got,
+            Err(e) if attempt < 30 => {
+                eprintln!("committed offsets: {e}; asking again");
+                attempt += 1;
+                std::thread::sleep(Duration::from_millis(500));
+            }
+            Err(e) => panic!("committed offsets: {e}"),
+        }
+    };
     (0..partitions)
         .map(|p| match got.find_partition(topic, p).map(|e| e.offset()) {
             Some(Offset::Offset(o)) => Some(o),
@@ -178,29 +192,6 @@ pub async fn http_get(addr: SocketAddr, path: &str) -> Option<(u16, String)> {
     Some((status, body))
 }
 
-/// A private tansu listening on `port` and advertising `advertised` (for tests that cut the broker off).
-pub fn start_tansu(port: u16, advertised: u16, log: &std::path::Path) -> Child {
-    let bin = std::env::var("TANSU").unwrap_or_else(|_| {
-        format!("{}/.cache/wallaroo-connectors/tools/bin/tansu", std::env::var("HOME").unwrap_or_default())
-    });
-    assert!(std::path::Path::new(&bin).exists(), "tansu binary missing at {bin}: see tests/services/kafka.sh");
-    let out = std::fs::OpenOptions::new().create(true).append(true).open(log).unwrap();
-    Command::new(bin)
-        .args([
-            "broker",
-            "--storage-engine",
-            "memory://tansu/",
-            "--listener-url",
-            &format!("tcp://127.0.0.1:{port}"),
-            "--advertised-listener-url",
-            &format!("tcp://127.0.0.1:{advertised}"),
-        ])
-        .stdout(Stdio::from(out.try_clone().unwrap()))
-        .stderr(Stdio::from(out))
-        .spawn()
-        .expect("start tansu")
-}
-
 pub async fn wait_port(port: u16) {
     for _ in 0..100 {
         if tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_ok() {
@@ -211,10 +202,8 @@ pub async fn wait_port(port: u16) {
     panic!("nothing listens on {port}");
 }
 
-/// A TCP proxy standing in for the broker's network presence: stopping it drops every client connection and
-/// refuses new ones, exactly what clients see of a stopped broker, while the broker keeps its data. (Restarting
-/// the in-memory test broker itself would also delete its topics; tansu 0.6 then answers fetches with a null
-/// topic name and a zero topic id, which crashes librdkafka 2.12's metadata cache, see the README section "Kafka source".)
+/// A TCP proxy standing in for the network between clients and a broker: stopping it drops every client
+/// connection and refuses new ones (a network cut), while the broker itself keeps running.
 pub struct Proxy {
     stop: tokio_util::sync::CancellationToken,
     task: tokio::task::JoinHandle<()>,
@@ -256,29 +245,62 @@ impl Proxy {
     }
 }
 
-/// A private broker that clients reach only through a [`Proxy`] on its advertised port, so a test can cut it off
-/// and bring it back without losing its topics.
+/// A private Apache Kafka broker (its own JVM, ports and data directory, started and stopped through
+/// `tests/services/kafka.sh`) that clients reach only through a [`Proxy`] on its advertised port. A test can cut
+/// the network ([`cut`](Self::cut)/[`restore`](Self::restore)) or restart the broker itself
+/// ([`restart`](Self::restart)); its topics and committed offsets survive both.
 pub struct PrivateBroker {
     /// `host:port` for clients (the proxy).
     pub brokers: String,
     port: u16,
     public: u16,
-    process: Child,
     proxy: Option<Proxy>,
-    _dir: tempfile::TempDir,
+    env: Vec<(&'static str, String)>,
+    dir: tempfile::TempDir,
+}
+
+fn kafka_script() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/services/kafka.sh")
 }
 
 impl PrivateBroker {
     pub async fn start() -> PrivateBroker {
-        let (port, public) = (free_port(), free_port());
-        let dir = tempfile::tempdir().unwrap();
-        let process = start_tansu(port, public, &dir.path().join("tansu.log"));
-        wait_port(port).await;
-        let proxy = Some(Proxy::start(public, port).await);
-        PrivateBroker { brokers: format!("127.0.0.1:{public}"), port, public, process, proxy, _dir: dir }
+        let (port, public, controller, internal) = (free_port(), free_port(), free_port(), free_port());
+        let dir = tempfile::Builder::new()
+            .prefix("wallaroo-kafka-")
+            .disable_cleanup(std::env::var_os("KEEP_LOGS").is_some())
+            .tempdir()
+            .unwrap();
+        eprintln!("private Kafka broker in {}", dir.path().display());
+        let env = vec![
+            ("KAFKA_PORT", port.to_string()),
+            ("KAFKA_ADVERTISED_PORT", public.to_string()),
+            ("KAFKA_CONTROLLER_PORT", controller.to_string()),
+            ("KAFKA_INTERNAL_PORT", internal.to_string()),
+            ("KAFKA_DIR", dir.path().display().to_string()),
+            ("KAFKA_HEAP", "256m".to_string()),
+        ];
+        let mut broker = PrivateBroker { brokers: format!("127.0.0.1:{public}"), port, public, proxy: None, env, dir };
+        broker.script("start").await;
+        broker.proxy = Some(Proxy::start(public, port).await);
+        broker
     }
 
-    /// An outage as clients see it: connections dropped, new ones refused.
+    /// Runs `tests/services/kafka.sh VERB` for this broker; panics with the script's output when it fails.
+    async fn script(&self, verb: &'static str) {
+        let mut cmd = Command::new("bash");
+        cmd.arg(kafka_script()).arg(verb).envs(self.env.iter().map(|(k, v)| (k, v)));
+        let out = tokio::task::spawn_blocking(move || cmd.output()).await.unwrap().expect("run kafka.sh");
+        assert!(
+            out.status.success(),
+            "kafka.sh {verb} failed: {}\n{}\n(broker log in {})",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr),
+            self.dir.path().display()
+        );
+    }
+
+    /// A network outage as clients see it: connections dropped, new ones refused; the broker keeps running.
     pub async fn cut(&mut self) {
         if let Some(p) = self.proxy.take() {
             p.stop().await;
@@ -291,9 +313,22 @@ impl PrivateBroker {
         }
     }
 
+    /// Stops the broker process (controlled shutdown) and starts it again on the same data directory.
+    pub async fn restart(&mut self) {
+        self.script("stop").await;
+        self.script("start").await;
+    }
+
     pub async fn stop(mut self) {
         self.cut().await;
-        self.process.kill().unwrap();
-        self.process.wait().unwrap();
+        self.script("stop").await;
+    }
+}
+
+impl Drop for PrivateBroker {
+    /// A failing test must not leave a JVM behind ([`stop`](Self::stop) ran the same, so this is then a no-op).
+    fn drop(&mut self) {
+        let _ =
+            Command::new("bash").arg(kafka_script()).arg("stop").envs(self.env.iter().map(|(k, v)| (k, v))).output();
     }
 }

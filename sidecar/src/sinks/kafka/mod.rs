@@ -6,8 +6,11 @@
 //!   aborted after they were produced stay visible (a replay writes them again).
 //! - `transactional: true` (exactly-once for read_committed consumers): one Kafka transaction per round, with a
 //!   stable `transactional.id` per worker (`<prefix>-<worker>`, prefix `properties.transactional.id` or
-//!   `wallaroo-<topic>`); Phase 2 commits or aborts it. A transaction
-//!   that voted commit is lost if the sidecar dies before Phase 2: the next `init_transactions` aborts it.
+//!   `wallaroo-<topic>`); Phase 2 commits or aborts it. The producer of a worker outlives its connections:
+//!   a transaction that voted commit stays open across a reconnect of the worker and `recover` reports it,
+//!   so the worker's Phase 2 commits it (within the producer's `transaction.timeout.ms`, after which the
+//!   broker aborts it). It is lost if the sidecar process dies before Phase 2: a Kafka transaction cannot
+//!   outlive its producer, and the next instance's `init_transactions` aborts it.
 //!
 //! The round logic is [`txn::Round`], tested against a fake [`txn::TxnProducer`]; [`producer`] is librdkafka.
 use std::collections::HashMap;
@@ -82,12 +85,11 @@ impl KafkaSink {
     fn producer_for(&self, worker: &str) -> Result<RdProducer, SinkError> {
         let topic: Arc<str> = Arc::from(self.cfg.topic.as_str());
         match &self.shared {
-            Some(p) => Ok(RdProducer::new(p.clone(), topic, false, self.health.clone(), self.metrics.clone())),
+            Some(p) => Ok(RdProducer::shared(p.clone(), topic, self.health.clone(), self.metrics.clone())),
             None => {
                 let mut c = self.client.clone();
                 c.set("transactional.id", transactional_id(&self.txn_prefix, worker));
-                let p = producer::create(&c, self.health.clone(), self.metrics.clone())?;
-                Ok(RdProducer::new(p, topic, true, self.health.clone(), self.metrics.clone()))
+                RdProducer::transactional(c, topic, self.health.clone(), self.metrics.clone())
             }
         }
     }
@@ -147,9 +149,10 @@ impl SinkIntegration for KafkaSink {
 
     async fn recover(&self, worker: &str) -> Result<Recovery, SinkError> {
         let r = self.round(worker).await?;
-        r.lock().await.recover().await?;
-        // Kafka keeps no per-worker offset here: the session adopts the worker's point of reference.
-        Ok(Recovery { committed: None, pending: None })
+        let pending = r.lock().await.recover().await?;
+        // Kafka keeps no per-worker offset here: the session adopts the worker's point of reference. A pending
+        // transaction is one this process prepared for the worker on an earlier connection.
+        Ok(Recovery { committed: None, pending })
     }
 
     async fn stage(&self, worker: &str, records: Vec<SinkRecord>) -> Result<(), SinkError> {

@@ -68,17 +68,53 @@ fn classify(e: &KafkaError) -> SinkError {
 
 /// One worker's view of a producer.
 pub struct RdProducer {
-    producer: Rd,
+    /// Replaced by a new client from `config` when a transactional producer is initialized a second time.
+    producer: std::sync::Mutex<Rd>,
+    /// The transactional producer's configuration, to create a new one after a fatal error.
+    config: Option<ClientConfig>,
+    initialized: std::sync::atomic::AtomicBool,
     topic: Arc<str>,
-    transactional: bool,
     health: Health,
     metrics: Metrics,
     in_flight: Mutex<VecDeque<DeliveryFuture>>,
 }
 
 impl RdProducer {
-    pub fn new(producer: Rd, topic: Arc<str>, transactional: bool, health: Health, metrics: Metrics) -> Self {
-        Self { producer, topic, transactional, health, metrics, in_flight: Mutex::new(VecDeque::new()) }
+    /// A view of the shared, non-transactional producer.
+    pub fn shared(producer: Rd, topic: Arc<str>, health: Health, metrics: Metrics) -> Self {
+        Self::new(producer, None, topic, health, metrics)
+    }
+
+    /// A worker's own transactional producer, created from `config` (which holds its `transactional.id`).
+    pub fn transactional(
+        config: ClientConfig,
+        topic: Arc<str>,
+        health: Health,
+        metrics: Metrics,
+    ) -> Result<Self, SinkError> {
+        let producer = create(&config, health.clone(), metrics.clone())?;
+        Ok(Self::new(producer, Some(config), topic, health, metrics))
+    }
+
+    fn new(producer: Rd, config: Option<ClientConfig>, topic: Arc<str>, health: Health, metrics: Metrics) -> Self {
+        Self {
+            producer: std::sync::Mutex::new(producer),
+            config,
+            initialized: std::sync::atomic::AtomicBool::new(false),
+            topic,
+            health,
+            metrics,
+            in_flight: Mutex::new(VecDeque::new()),
+        }
+    }
+
+    fn transactional_mode(&self) -> bool {
+        self.config.is_some()
+    }
+
+    fn current(&self) -> Rd {
+        // A poisoned lock only means a panic elsewhere while swapping; the producer inside is still whole.
+        self.producer.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
     /// Awaits the oldest `n` deliveries; the first failure is returned (the rest are still awaited so the
@@ -110,12 +146,14 @@ impl RdProducer {
     where
         F: FnOnce(&Rd) -> Result<(), KafkaError> + Send + 'static,
     {
-        let p = self.producer.clone();
+        let p = self.current();
         let r = tokio::task::spawn_blocking(move || f(&p))
             .await
             .map_err(|e| SinkError::Transient(format!("{what}: {e}")))?;
         r.map_err(|e| {
-            let fatal = matches!(&e, KafkaError::Transaction(t) if t.is_fatal());
+            // Fatal: the producer is unusable. Requires abort: this transaction can never commit. Neither heals
+            // by asking again.
+            let fatal = matches!(&e, KafkaError::Transaction(t) if t.is_fatal() || t.txn_requires_abort());
             let msg = format!("kafka {what}: {e}");
             if fatal { SinkError::Permanent(msg) } else { SinkError::Transient(msg) }
         })
@@ -126,14 +164,23 @@ impl RdProducer {
 impl TxnProducer for RdProducer {
     async fn init(&self) -> Result<(), SinkError> {
         self.in_flight.lock().await.clear();
-        if self.transactional {
-            self.blocking("init_transactions", |p| p.init_transactions(TXN_TIMEOUT)).await?;
+        let Some(config) = &self.config else { return Ok(()) };
+        // librdkafka initializes a transactional producer once; after a fatal error it is unusable. A second
+        // initialization therefore starts a new client with the same transactional.id, which fences the old
+        // one and aborts whatever it left open.
+        if self.initialized.load(std::sync::atomic::Ordering::Acquire) {
+            let fresh = create(config, self.health.clone(), self.metrics.clone())?;
+            let old = std::mem::replace(&mut *self.producer.lock().unwrap_or_else(|e| e.into_inner()), fresh);
+            // Dropping a producer purges and flushes it (up to half a second): not on an async worker thread.
+            tokio::task::spawn_blocking(move || drop(old));
         }
+        self.blocking("init_transactions", |p| p.init_transactions(TXN_TIMEOUT)).await?;
+        self.initialized.store(true, std::sync::atomic::Ordering::Release);
         Ok(())
     }
 
     async fn begin(&self) -> Result<(), SinkError> {
-        if self.transactional {
+        if self.transactional_mode() {
             self.blocking("begin_transaction", |p| p.begin_transaction()).await?;
         }
         Ok(())
@@ -141,6 +188,7 @@ impl TxnProducer for RdProducer {
 
     async fn send(&self, records: Vec<(Option<Bytes>, Bytes)>) -> Result<(), SinkError> {
         let mut q = self.in_flight.lock().await;
+        let producer = self.current();
         for (key, value) in &records {
             loop {
                 if q.len() >= MAX_IN_FLIGHT {
@@ -150,7 +198,7 @@ impl TxnProducer for RdProducer {
                 if let Some(k) = key {
                     rec = rec.key(&k[..]);
                 }
-                match self.producer.send_result(rec) {
+                match producer.send_result(rec) {
                     Ok(f) => {
                         q.push_back(f);
                         break;
@@ -181,7 +229,7 @@ impl TxnProducer for RdProducer {
     }
 
     async fn commit(&self) -> Result<(), SinkError> {
-        if self.transactional {
+        if self.transactional_mode() {
             self.blocking("commit_transaction", |p| p.commit_transaction(TXN_TIMEOUT)).await?;
         }
         Ok(())
@@ -190,7 +238,7 @@ impl TxnProducer for RdProducer {
     async fn abort(&self) -> Result<(), SinkError> {
         // Records of the round still in flight are abandoned (and, without transactions, may still land).
         self.in_flight.lock().await.clear();
-        if self.transactional {
+        if self.transactional_mode() {
             self.blocking("abort_transaction", |p| p.abort_transaction(TXN_TIMEOUT)).await?;
         }
         Ok(())

@@ -1,9 +1,12 @@
 //! The per-worker round state machine of the Kafka sink, over a small [`TxnProducer`] trait so it is tested
-//! without a broker (the test broker, tansu, has no transactions).
+//! without a broker (`sidecar/tests/kafka_sink.rs` runs the transactional mode against Apache Kafka too).
 //!
 //! Mapping of the 2PC calls:
-//! - `recover` → `init` (transactional: `init_transactions`, which fences an older producer with the same
-//!   `transactional.id` and aborts its open transaction).
+//! - `recover` (every HELLO of the worker) → `init` the first time only (transactional: `init_transactions`,
+//!   which fences an older producer with the same `transactional.id` and aborts its open transaction). On a
+//!   reconnect the producer lives on: a transaction that voted commit stays open and is reported as pending, so
+//!   the worker's Phase 2 after ListUncommitted commits it; a round that had not reached Phase 1 is aborted (the
+//!   worker sends it again from its checkpoint).
 //! - first `stage` of a round → `begin`, then `send`.
 //! - `prepare` → `flush`: every record of the round acknowledged by the broker (inside the open transaction
 //!   when transactional), else an error and an abort vote.
@@ -52,8 +55,29 @@ impl<P: TxnProducer> Round<P> {
         Self { producer, state: State::Uninit }
     }
 
-    /// (Re)initializes the producer. Anything open is gone afterwards (aborted by the broker).
-    pub async fn recover(&mut self) -> Result<(), SinkError> {
+    /// A (re)connection of the worker: returns the transaction that voted commit and awaits Phase 2, if any.
+    ///
+    /// Only a producer that was never initialized (or lost its transactional state to a fatal error) is
+    /// initialized here: re-initializing a live one would abort the prepared transaction, whose round the worker
+    /// may already count as committed (it completed cluster-wide while the connection was down).
+    pub async fn recover(&mut self) -> Result<Option<Txn>, SinkError> {
+        match &self.state {
+            State::Uninit => {
+                self.init().await?;
+                Ok(None)
+            }
+            State::Idle => Ok(None),
+            // Records of a round that never voted: the worker sends them again from its last checkpoint.
+            State::Open { .. } => {
+                self.abort().await?;
+                Ok(None)
+            }
+            State::Prepared { txn } => Ok(Some(txn.clone())),
+        }
+    }
+
+    /// Initializes the producer. Anything open is gone afterwards (aborted by the broker).
+    async fn init(&mut self) -> Result<(), SinkError> {
         self.producer.init().await?;
         self.state = State::Idle;
         Ok(())
@@ -61,16 +85,27 @@ impl<P: TxnProducer> Round<P> {
 
     async fn ensure_init(&mut self) -> Result<(), SinkError> {
         if self.state == State::Uninit {
-            self.recover().await?;
+            self.init().await?;
         }
         Ok(())
+    }
+
+    /// After a fatal producer error (`Permanent` from a transaction call: fenced, epoch expired, transaction
+    /// timed out) the transactional state is gone; the next call initializes the producer again.
+    fn after_txn_error(&mut self, e: SinkError) -> SinkError {
+        if matches!(e, SinkError::Permanent(_)) {
+            self.state = State::Uninit;
+        }
+        e
     }
 
     pub async fn stage(&mut self, records: Vec<(Option<Bytes>, Bytes)>) -> Result<(), SinkError> {
         self.ensure_init().await?;
         match &self.state {
             State::Idle => {
-                self.producer.begin().await?;
+                if let Err(e) = self.producer.begin().await {
+                    return Err(self.after_txn_error(e));
+                }
                 self.state = State::Open { failed: None };
             }
             State::Open { failed: Some(reason) } => {
@@ -110,7 +145,9 @@ impl<P: TxnProducer> Round<P> {
         match self.state.clone() {
             State::Idle => {
                 // An empty round: nothing to publish, nothing to flush.
-                self.producer.begin().await?;
+                if let Err(e) = self.producer.begin().await {
+                    return Err(self.after_txn_error(e));
+                }
             }
             State::Open { failed: Some(reason) } => return Err(SinkError::Permanent(reason)),
             State::Open { failed: None } => {
@@ -132,10 +169,14 @@ impl<P: TxnProducer> Round<P> {
     }
 
     /// Phase 2 commit. Idempotent: committing with nothing prepared (e.g. again after a retry) is a no-op.
+    /// A transient failure keeps the transaction prepared (the worker's reconnect asks again); a fatal one
+    /// means the broker aborted it, which is reported and not retried.
     pub async fn commit(&mut self, txn: &Txn) -> Result<(), SinkError> {
         match &self.state {
             State::Prepared { txn: p } if p.id == txn.id => {
-                self.producer.commit().await?;
+                if let Err(e) = self.producer.commit().await {
+                    return Err(self.after_txn_error(e));
+                }
                 self.state = State::Idle;
                 Ok(())
             }
@@ -156,7 +197,7 @@ impl<P: TxnProducer> Round<P> {
                 if let Err(e) = self.producer.abort().await {
                     tracing::warn!(error = %e, "abort failed; re-initializing the producer");
                     self.state = State::Uninit;
-                    self.recover().await?;
+                    self.init().await?;
                     return Ok(());
                 }
                 self.state = State::Idle;
@@ -195,6 +236,7 @@ mod tests {
         fail_send: bool,
         fail_delivery: bool,
         fail_commit_once: bool,
+        fail_commit_fatal: bool,
         fail_abort: bool,
     }
 
@@ -241,6 +283,12 @@ mod tests {
             if l.fail_commit_once {
                 l.fail_commit_once = false;
                 return Err(SinkError::Transient("coordinator moved".into()));
+            }
+            if l.fail_commit_fatal {
+                // The broker aborted the transaction (timed out, or the producer was fenced).
+                l.fail_commit_fatal = false;
+                l.open.clear();
+                return Err(SinkError::Permanent("producer fenced".into()));
             }
             let open = std::mem::take(&mut l.open);
             l.visible.extend(open);
@@ -360,6 +408,52 @@ mod tests {
         assert!(again.prepared().is_none());
         again.commit(&txn("t1")).await.unwrap();
         assert!(fake.0.lock().unwrap().visible.is_empty(), "the fenced transaction was aborted, not published");
+    }
+
+    #[tokio::test]
+    async fn a_reconnect_keeps_the_prepared_transaction_for_phase_2() {
+        let fake = Fake::default();
+        let mut r = Round::new(fake.clone());
+        assert_eq!(r.recover().await.unwrap(), None);
+        r.stage(recs(&["a", "b"])).await.unwrap();
+        r.prepare(&txn("t1")).await.unwrap();
+        // The worker's connection drops after the commit vote; it reconnects and asks what is pending.
+        assert_eq!(r.recover().await.unwrap().map(|t| t.id_str()), Some("t1".into()));
+        assert_eq!(r.recover().await.unwrap().map(|t| t.id_str()), Some("t1".into()), "asking twice");
+        r.commit(&txn("t1")).await.unwrap();
+        let l = fake.0.lock().unwrap();
+        assert_eq!(l.visible, vec![Bytes::from("a"), Bytes::from("b")]);
+        assert_eq!(l.calls.iter().filter(|c| **c == "init").count(), 1, "the producer was initialized again");
+    }
+
+    #[tokio::test]
+    async fn a_reconnect_discards_a_round_that_had_not_voted() {
+        let fake = Fake::default();
+        let mut r = Round::new(fake.clone());
+        r.stage(recs(&["resent-later"])).await.unwrap();
+        assert_eq!(r.recover().await.unwrap(), None);
+        r.stage(recs(&["x"])).await.unwrap();
+        r.prepare(&txn("t1")).await.unwrap();
+        r.commit(&txn("t1")).await.unwrap();
+        assert_eq!(fake.0.lock().unwrap().visible, vec![Bytes::from("x")]);
+    }
+
+    #[tokio::test]
+    async fn a_fatal_commit_error_reinitializes_at_the_next_reconnect() {
+        let fake = Fake::default();
+        let mut r = Round::new(fake.clone());
+        r.stage(recs(&["a"])).await.unwrap();
+        r.prepare(&txn("t1")).await.unwrap();
+        fake.0.lock().unwrap().fail_commit_fatal = true;
+        assert!(matches!(r.commit(&txn("t1")).await, Err(SinkError::Permanent(_))));
+        // Nothing is pending any more (the broker aborted it) and the producer starts afresh.
+        assert_eq!(r.recover().await.unwrap(), None);
+        r.stage(recs(&["b"])).await.unwrap();
+        r.prepare(&txn("t2")).await.unwrap();
+        r.commit(&txn("t2")).await.unwrap();
+        let l = fake.0.lock().unwrap();
+        assert_eq!(l.visible, vec![Bytes::from("b")]);
+        assert_eq!(l.calls.iter().filter(|c| **c == "init").count(), 2);
     }
 
     #[tokio::test]
