@@ -206,6 +206,40 @@ async fn stream_kill9_redelivers_and_a_clean_restart_does_not() {
 }
 
 #[tokio::test]
+async fn stream_an_ack_beyond_what_was_sent_commits_nothing() {
+    // A worker that takes 5 entries and then acknowledges 2^63 must not make the source XACK the other 95: they
+    // were never delivered, and after a crash they would be gone.
+    let (key, group) = (unique("stream"), unique("group"));
+    let want = xadd(&key, 0, 100).await;
+    let sim = SourceSim::start(SourceSimConfig {
+        max_credits: 6,
+        refill_credits: 1,
+        checkpoint_every: None,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    sim.stall_credits(true);
+    let name = format!("redis:{key}");
+    let manifest = stream_manifest(sim.addr().port(), 6379, &key, &group, "c1", "");
+    let mut sidecar = Sidecar::start(&manifest);
+    assert!(sim.wait_until(WAIT, |s| s.processed_count(&name) == 5).await, "{}", sidecar.log_text());
+    assert!(sim.inject_ack(&name, 1 << 63));
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    sidecar.kill9();
+    // Every entry is still owed: the restarted source delivers all 100.
+    sim.stall_credits(false);
+    let sidecar = sidecar.restart();
+    assert!(
+        sim.wait_until(WAIT, |s| s.processed(&name).iter().any(|(_, p)| p.as_ref() == b"entry-000099")).await,
+        "{}",
+        sidecar.log_text()
+    );
+    assert_at_least_once(&sim.processed(&name), &want);
+    cleanup(&key).await;
+}
+
+#[tokio::test]
 async fn stream_worker_restart_resumes_from_the_acked_point() {
     let (key, group) = (unique("stream"), unique("group"));
     let want = xadd(&key, 0, 5000).await;

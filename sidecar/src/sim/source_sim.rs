@@ -556,6 +556,17 @@ impl SourceSim {
             s.send(conn, Frame::Ack { credits: add, acks: vec![] });
         }
     }
+    /// Fault (a broken or hostile worker): ACK `stream` through `por` on the connection that holds it, whatever
+    /// was sent. Returns false if no connection holds the stream.
+    pub fn inject_ack(&self, stream: &str, por: u64) -> bool {
+        let mut s = lock(&self.state);
+        let Some((&sid, rec)) = s.streams.iter().find(|(_, r)| r.name.as_ref() == stream.as_bytes()) else {
+            return false;
+        };
+        let Some(conn) = rec.active_conn else { return false };
+        s.send(conn, Frame::Ack { credits: 0, acks: vec![(sid, por)] });
+        true
+    }
     /// Fault: drop every connection (a network blip; no rollback).
     pub fn drop_connections(&self) {
         let mut s = lock(&self.state);
