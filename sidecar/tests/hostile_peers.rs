@@ -67,6 +67,7 @@ impl SinkIntegration for Trusting {
 struct Served {
     addr: std::net::SocketAddr,
     sink: Arc<Trusting>,
+    metrics: Metrics,
     _stop: tokio_util::sync::DropGuard,
 }
 
@@ -77,8 +78,9 @@ async fn serve(tweak: impl FnOnce(&mut SinkDriverConfig)) -> Served {
     let sink = Arc::new(Trusting::default());
     let stop = CancellationToken::new();
     let metrics = Metrics::new("hostile", "test", "sink").unwrap();
-    let (addr, _task) = sink_driver::start(cfg, sink.clone(), Health::new(), metrics, stop.clone()).await.unwrap();
-    Served { addr, sink, _stop: stop.drop_guard() }
+    let (addr, _task) =
+        sink_driver::start(cfg, sink.clone(), Health::new(), metrics.clone(), stop.clone()).await.unwrap();
+    Served { addr, sink, metrics, _stop: stop.drop_guard() }
 }
 
 /// Resident memory of this process, in bytes.
@@ -232,4 +234,25 @@ proptest! {
             assert_eq!(w.checkpoint().await.unwrap(), RoundOutcome::Committed);
         });
     }
+}
+
+#[tokio::test]
+async fn data_without_any_checkpoint_round_is_reported() {
+    // A non-resilient worker never runs 2PC rounds: an exactly-once sink would stage forever without a word.
+    let served = serve(|c| c.no_rounds_warning = Duration::from_millis(200)).await;
+    let mut w = SinkSim::connect(SinkSimConfig::new(served.addr, "w1")).await.unwrap();
+    let counted = || served.metrics.render().contains(r#"error_type="no_checkpoints""#);
+    w.send(b"a\n").await.unwrap();
+    w.flush().await.unwrap();
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert!(!counted(), "reported before the threshold");
+    for _ in 0..20 {
+        w.send(b"b\n").await.unwrap();
+        w.flush().await.unwrap();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        if counted() {
+            return;
+        }
+    }
+    panic!("no report of data flowing without checkpoint rounds:\n{}", served.metrics.render());
 }

@@ -35,6 +35,8 @@ pub struct SinkDriverConfig {
     pub idle_timeout: Option<Duration>,
     /// Connections served at once, handshakes included; more are closed on accept.
     pub max_connections: usize,
+    /// Warn when data flows this long with no checkpoint round (a non-resilient worker, spec 3.11).
+    pub no_rounds_warning: Duration,
 }
 
 impl SinkDriverConfig {
@@ -49,6 +51,7 @@ impl SinkDriverConfig {
             handshake_timeout: Duration::from_secs(10),
             idle_timeout: None,
             max_connections: 64,
+            no_rounds_warning: Duration::from_secs(60),
         }
     }
 }
@@ -159,6 +162,8 @@ async fn connection(
         batch: Vec::new(),
         owner_guard: None,
         me: me.clone(),
+        data_without_rounds: None,
+        saw_phase1: false,
     };
     let mut drain_until: Option<Instant> = None;
     let reason = 'conn: loop {
@@ -257,6 +262,9 @@ struct Conn {
     batch: Vec<SinkRecord>,
     owner_guard: Option<tokio::sync::OwnedMutexGuard<()>>,
     me: CancellationToken,
+    /// When data first arrived on this connection while no Phase 1 was ever seen on it; `None` once one was.
+    data_without_rounds: Option<std::time::Instant>,
+    saw_phase1: bool,
 }
 
 impl Conn {
@@ -264,6 +272,7 @@ impl Conn {
     async fn run_actions(&mut self) -> Option<String> {
         while let Some(action) = self.session.poll_action() {
             if let SinkAction::Stage { offset, payload } = action {
+                self.warn_if_no_rounds();
                 self.shared.metrics.messages_total.inc();
                 self.shared.metrics.bytes_total.inc_by(payload.len() as u64);
                 self.batch.push(SinkRecord { offset, payload });
@@ -285,6 +294,7 @@ impl Conn {
                     }
                 }
                 SinkAction::Prepare { txn } => {
+                    self.saw_phase1 = true;
                     let started = std::time::Instant::now();
                     let t = txn.clone();
                     let vote = self
@@ -361,6 +371,21 @@ impl Conn {
             }
         }
         None
+    }
+
+    /// An exactly-once sink publishes only at Phase 2; a non-resilient worker never runs a round, so its output
+    /// would stay staged forever. Say so once per connection instead of failing silently.
+    fn warn_if_no_rounds(&mut self) {
+        if self.saw_phase1 || self.shared.sink.guarantee() != super::sink_api::Guarantee::ExactlyOnce {
+            return;
+        }
+        let first = *self.data_without_rounds.get_or_insert_with(std::time::Instant::now);
+        let after = self.shared.cfg.no_rounds_warning;
+        if first.elapsed() >= after {
+            self.saw_phase1 = true;
+            self.shared.metrics.error("no_checkpoints", "worker");
+            tracing::warn!(worker = %self.worker, seconds = after.as_secs(), "data is arriving but the worker has run no checkpoint round: an exactly-once sink publishes nothing until one commits (is the worker built without resilience? spec 3.11)");
+        }
     }
 
     /// Hands the batched records to the integration; a failure poisons the open round.
