@@ -148,3 +148,88 @@ async fn sink_killed_between_phases_resolves_after_restart() {
         child.wait().unwrap();
     }
 }
+
+#[tokio::test]
+async fn sigterm_ends_the_process_even_when_the_worker_stops_reading() {
+    // A worker that grants a million credits and then never reads: the source's writes block once the socket
+    // buffers fill. SIGTERM must still end the process within the drain timeout (2 s here), not hang.
+    use bytes::BytesMut;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use wallaroo_connector::protocol::{Frame, U64_MAX, stream_id_for};
+
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("in.txt");
+    write_lines(&data, 2_000_000);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let m = dir.path().join("source.yaml");
+    std::fs::write(
+        &m,
+        format!(
+            "apiVersion: wallaroo.dev/v1alpha1\nkind: Connector\nmetadata: {{name: f}}\nspec:\n  connectorName: f\n  drainTimeoutSeconds: 2\n  worker: {{port: {port}}}\n  source:\n    file: {{path: \"{}\", streamName: s}}\n",
+            data.display()
+        ),
+    )
+    .unwrap();
+    let mut child = KillOnDrop(Some(start(&m)));
+    let (mut sock, _) = tokio::time::timeout(Duration::from_secs(30), listener.accept()).await.unwrap().unwrap();
+    // Play the worker up to the grant: HELLO -> OK(1,000,000), NOTIFY -> NOTIFY_ACK.
+    let codec = wallaroo_connector::protocol::FrameCodec::default();
+    let mut buf = BytesMut::new();
+    let next = async |sock: &mut tokio::net::TcpStream, buf: &mut BytesMut| loop {
+        if let Some(body) = codec.split_frame(buf).unwrap() {
+            return Frame::decode(body).unwrap();
+        }
+        assert!(sock.read_buf(buf).await.unwrap() > 0, "the connector hung up");
+    };
+    assert!(matches!(next(&mut sock, &mut buf).await, Frame::Hello(_)));
+    let mut out = BytesMut::new();
+    Frame::Ok { initial_credits: 1_000_000 }.encode(&mut out).unwrap();
+    sock.write_all(&out).await.unwrap();
+    let sid = loop {
+        if let Frame::Notify { stream_id, .. } = next(&mut sock, &mut buf).await {
+            break stream_id;
+        }
+    };
+    assert_eq!(sid, stream_id_for(b"s"));
+    out.clear();
+    Frame::NotifyAck { success: true, stream_id: sid, point_of_ref: U64_MAX }.encode(&mut out).unwrap();
+    sock.write_all(&out).await.unwrap();
+    // Records are flowing (1 MiB read proves it); then never read again, so the connector fills the socket
+    // buffers and blocks in its write.
+    let mut flowing = vec![0u8; 1 << 20];
+    tokio::time::timeout(Duration::from_secs(30), sock.read_exact(&mut flowing)).await.unwrap().unwrap();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let mut child = child.0.take().unwrap();
+    let pid = child.id() as i32;
+    assert_eq!(unsafe { libc_kill(pid, 15) }, 0);
+    let waited = tokio::task::spawn_blocking(move || {
+        let start = std::time::Instant::now();
+        loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                return Some(status);
+            }
+            if start.elapsed() > Duration::from_secs(15) {
+                let _ = child.kill();
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    })
+    .await
+    .unwrap();
+    assert!(waited.is_some(), "still running 15 s after SIGTERM with drainTimeoutSeconds: 2");
+    drop(sock);
+}
+
+/// A child that a failing test must not leave running.
+struct KillOnDrop(Option<Child>);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        if let Some(c) = self.0.as_mut() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
