@@ -183,9 +183,24 @@ fn check_source(c: &mut Check, s: &SourceSpec) {
     }
     if let Some(u) = &s.udp {
         c.port("spec.source.udp.port", u.port);
+        if u.buffer == Some(0) {
+            c.fail("spec.source.udp.buffer", "must be at least 1 datagram");
+        }
+        // One maximal datagram must fit, or every datagram would be dropped on arrival.
+        if u.buffer_bytes.is_some_and(|b| b < 65536) {
+            c.fail("spec.source.udp.bufferBytes", "must be at least 65536 (one maximal datagram)");
+        }
     }
     if let Some(f) = &s.file {
         c.non_empty("spec.source.file.path", &f.path, "the file to read");
+        if let Some(max) = f.max_record_bytes
+            && !(1..=crate::MAX_RECORD_BYTES).contains(&max)
+        {
+            c.fail(
+                "spec.source.file.maxRecordBytes",
+                format!("must be between 1 and {} (one MESSAGE frame)", crate::MAX_RECORD_BYTES),
+            );
+        }
     }
     if let Some(k) = &s.kafka {
         if k.brokers.is_empty() {
