@@ -19,8 +19,9 @@ pub use secret::{SecretError, SecretKeySelector, SecretValue, secret_env_var};
 pub use sinks::*;
 pub use sources::*;
 pub use spec::{
-    Connector, ConnectorSpec, DEFAULT_COOKIE, DEFAULT_METRICS_PORT, Direction, ResourceSettings, SidecarVolumeMount,
-    WorkerEndpoint,
+    AdminSettings, Connector, ConnectorSpec, DEFAULT_ADMIN_CONNECTION_TIMEOUT_SECONDS,
+    DEFAULT_ADMIN_HEADER_READ_TIMEOUT_SECONDS, DEFAULT_ADMIN_MAX_CONNECTIONS, DEFAULT_COOKIE, DEFAULT_METRICS_PORT,
+    Direction, ResourceSettings, SidecarVolumeMount, WorkerEndpoint,
 };
 pub use status::{Condition, ConnectorStatus};
 pub use validate::{FieldError, ValidationErrors};

@@ -126,6 +126,22 @@ impl ConnectorSpec {
         {
             c.fail("spec.worker.refillCredits", format!("must be below maxCredits ({max})"));
         }
+        if let Some(a) = &self.admin {
+            if let Some(h) = &a.host
+                && h.parse::<std::net::IpAddr>().is_err()
+            {
+                c.fail("spec.admin.host", format!("{h:?} is not an IP address; e.g. 0.0.0.0 or 127.0.0.1"));
+            }
+            for (field, v) in [
+                ("spec.admin.maxConnections", a.max_connections),
+                ("spec.admin.headerReadTimeoutSeconds", a.header_read_timeout_seconds),
+                ("spec.admin.connectionTimeoutSeconds", a.connection_timeout_seconds),
+            ] {
+                if v == Some(0) {
+                    c.fail(field, "must be at least 1");
+                }
+            }
+        }
         check_volume_mounts(&mut c, &self.volume_mounts);
         match (&self.source, &self.sink) {
             (Some(_), Some(_)) => c.fail("spec", "set exactly one of source or sink, not both"),
