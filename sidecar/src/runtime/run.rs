@@ -70,6 +70,14 @@ pub async fn run(connector: Connector, overrides: RunOverrides, shutdown: Cancel
     let bound = admin.addr;
     tracing::info!(connector = %spec.connector_name, %kind, %direction, admin = %bound, "starting");
     let cookie = spec.worker.resolve_cookie()?;
+    // A cookie from a Secret is only seen now; HELLO carries it with a u16 length (validation checks inline ones).
+    if cookie.len() > wallaroo_crds::MAX_SHORT_BYTES {
+        return Err(RunError::Invalid(format!(
+            "spec.worker.cookieFrom: the cookie is {} bytes long; at most {} fit HELLO's length field",
+            cookie.len(),
+            wallaroo_crds::MAX_SHORT_BYTES
+        )));
+    }
     let drain = overrides
         .drain_timeout
         .unwrap_or_else(|| Duration::from_secs(u64::from(spec.drain_timeout_seconds.unwrap_or(20))));
