@@ -356,6 +356,12 @@ fn check_sink(c: &mut Check, s: &SinkSpec) {
         if p.batch_size == Some(0) {
             c.fail("spec.sink.postgres.batchSize", "must be at least 1");
         }
+        if p.max_connections == Some(0) {
+            c.fail("spec.sink.postgres.maxConnections", "must be at least 1");
+        }
+        if p.idle_timeout_seconds == Some(0) {
+            c.fail("spec.sink.postgres.idleTimeoutSeconds", "must be at least 1");
+        }
     }
     if let Some(s3) = &s.s3 {
         c.non_empty("spec.sink.s3.bucket", &s3.bucket, "the target bucket");
