@@ -261,3 +261,32 @@ fn fuzzed_manifests_never_panic_finish_fast_and_name_a_field_or_a_line() {
     assert!(rejected > 0, "the mutator produces broken manifests");
     assert!(unnamed.is_empty(), "{} rejections name neither a field nor a line, e.g.:\n{}", unnamed.len(), unnamed[0]);
 }
+
+#[test]
+fn limit_settings_are_validated_by_field() {
+    let cases = [
+        (BASE.replace("udp: {port: 5}", "file: {path: /d/f, maxRecordBytes: 0}"), "spec.source.file.maxRecordBytes"),
+        (
+            BASE.replace("udp: {port: 5}", "file: {path: /d/f, maxRecordBytes: 16777190}"),
+            "spec.source.file.maxRecordBytes: must be between 1 and 16777189",
+        ),
+        (BASE.replace("udp: {port: 5}", "udp: {port: 5, bufferBytes: 100}"), "spec.source.udp.bufferBytes"),
+        (BASE.replace("udp: {port: 5}", "udp: {port: 5, buffer: 0}"), "spec.source.udp.buffer"),
+        (format!("{BASE}  admin: {{maxConnections: 0}}\n"), "spec.admin.maxConnections: must be at least 1"),
+        (format!("{BASE}  admin: {{host: pod.local}}\n"), "spec.admin.host: \"pod.local\" is not an IP address"),
+        (format!("{BASE}  admin: {{headerReadTimeoutSeconds: 0}}\n"), "spec.admin.headerReadTimeoutSeconds"),
+        (
+            BASE.replace("udp: {port: 5}", "{}").replace(
+                "  source:\n    {}",
+                "  sink:\n    postgres: {url: postgres://h/d, table: t, maxConnections: 0, idleTimeoutSeconds: 0}",
+            ),
+            "spec.sink.postgres.maxConnections",
+        ),
+    ];
+    for (text, want) in cases {
+        let e = parse(&text).unwrap_err();
+        assert!(e.contains(want), "{want:?} missing in {e}");
+    }
+    let ok = format!("{BASE}  admin: {{host: 127.0.0.1, maxConnections: 8, connectionTimeoutSeconds: 5}}\n");
+    assert_eq!(parse(&ok), Ok(1));
+}
