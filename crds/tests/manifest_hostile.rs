@@ -290,3 +290,15 @@ fn limit_settings_are_validated_by_field() {
     let ok = format!("{BASE}  admin: {{host: 127.0.0.1, maxConnections: 8, connectionTimeoutSeconds: 5}}\n");
     assert_eq!(parse(&ok), Ok(1));
 }
+
+#[test]
+fn the_json_the_operator_passes_still_parses() {
+    for (name, text) in examples() {
+        let parsed = parse_connectors(&text, &name).unwrap();
+        for c in parsed {
+            let json = serde_json::to_string(&c).unwrap();
+            let back = parse_connectors(&json, "$WALLAROO_CONNECTOR").unwrap_or_else(|e| panic!("{name}: {e}"));
+            assert_eq!(back[0].spec, c.spec);
+        }
+    }
+}
