@@ -14,17 +14,18 @@ mod status;
 mod validate;
 
 pub use format::{PayloadFormat, PayloadMapping};
-pub use manifest::{ManifestError, load_connectors, parse_connectors};
+pub use manifest::{MAX_MANIFEST_BYTES, MAX_NESTING, ManifestError, check_nesting, load_connectors, parse_connectors};
 pub use secret::{SecretError, SecretKeySelector, SecretValue, secret_env_var};
 pub use sinks::*;
 pub use sources::*;
 pub use spec::{
-    Connector, ConnectorSpec, DEFAULT_COOKIE, DEFAULT_HANDSHAKE_TIMEOUT_SECONDS, DEFAULT_MAX_CONNECTIONS,
-    DEFAULT_MAX_FRAME_BYTES, DEFAULT_METRICS_PORT, Direction, MIN_MAX_FRAME_BYTES, ResourceSettings,
-    SidecarVolumeMount, WorkerEndpoint,
+    AdminSettings, Connector, ConnectorSpec, DEFAULT_ADMIN_CONNECTION_TIMEOUT_SECONDS,
+    DEFAULT_ADMIN_HEADER_READ_TIMEOUT_SECONDS, DEFAULT_ADMIN_MAX_CONNECTIONS, DEFAULT_COOKIE,
+    DEFAULT_HANDSHAKE_TIMEOUT_SECONDS, DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_FRAME_BYTES, DEFAULT_METRICS_PORT, Direction,
+    MIN_MAX_FRAME_BYTES, ResourceSettings, SidecarVolumeMount, WorkerEndpoint,
 };
 pub use status::{Condition, ConnectorStatus};
-pub use validate::{FieldError, ValidationErrors};
+pub use validate::{FieldError, MAX_EXTERNAL_NAME, MAX_SHORT_BYTES, ValidationErrors};
 
 /// The CRD as Kubernetes wants it, generated from the types above.
 pub fn crd() -> k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition {

@@ -125,8 +125,21 @@ pub struct PostgresSink {
     /// allows it (`max_prepared_transactions > 0`) and staging tables otherwise.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub two_phase: Option<PostgresTwoPhase>,
+    /// Connections held for workers at most (each worker writes on its own; one more, shared, is used for
+    /// catalog look-ups and recovery). When all are taken, the least recently used idle one is closed
+    /// (default 16).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_connections: Option<u32>,
+    /// A worker's connection idle this long (no open round) is closed; the next call reconnects (default 60).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub idle_timeout_seconds: Option<u32>,
 }
 payload_mapping!(PostgresSink);
+
+/// Default of `spec.sink.postgres.maxConnections`.
+pub const DEFAULT_POSTGRES_MAX_CONNECTIONS: u32 = 16;
+/// Default of `spec.sink.postgres.idleTimeoutSeconds`.
+pub const DEFAULT_POSTGRES_IDLE_TIMEOUT_SECONDS: u32 = 60;
 
 #[derive(Deserialize, Serialize, Clone, Copy, Debug, Default, JsonSchema, PartialEq, Eq)]
 #[serde(rename_all = "camelCase")]

@@ -79,7 +79,14 @@ pub struct UdpSource {
     /// Datagrams buffered while the worker has no credits; the oldest are dropped beyond this (default 65536).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub buffer: Option<u32>,
+    /// Payload bytes of that buffer; the oldest datagrams are dropped beyond this as well (default 67108864,
+    /// 64 MiB). Without it 65536 datagrams of 64 KiB could hold 4 GiB.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub buffer_bytes: Option<u64>,
 }
+
+/// Default of `spec.source.udp.bufferBytes`.
+pub const DEFAULT_UDP_BUFFER_BYTES: u64 = 64 * 1024 * 1024;
 
 fn any_host() -> String {
     "0.0.0.0".to_string()
@@ -108,7 +115,16 @@ pub struct FileSource {
     /// Stream name announced to the worker (default: the path).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub stream_name: Option<String>,
+    /// Largest record in bytes (a line without its newline, or a framed payload). A longer record stops the
+    /// source with an error naming the file and offset instead of buffering it (default and maximum
+    /// 16777189: the 16 MiB frame limit minus the MESSAGE header).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_record_bytes: Option<u32>,
 }
+
+/// The largest payload one MESSAGE frame can carry: the 16 MiB frame limit minus tag (1), stream id (8),
+/// message id (8), event time (8) and the key length (2) of a keyless message.
+pub const MAX_RECORD_BYTES: u32 = 16 * 1024 * 1024 - 27;
 
 #[derive(Deserialize, Serialize, Clone, Copy, Debug, Default, JsonSchema, PartialEq, Eq)]
 #[serde(rename_all = "camelCase")]

@@ -50,6 +50,9 @@ pub struct ConnectorSpec {
     /// Port of the sidecar's admin server (`/metrics`, `/livez`, `/readyz`).
     #[serde(default = "default_metrics_port")]
     pub metrics_port: u16,
+    /// Address and limits of the admin server (it listens on the pod network).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub admin: Option<AdminSettings>,
     /// Container resources for the injected sidecar; chart defaults apply when absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resources: Option<ResourceSettings>,
@@ -64,6 +67,30 @@ pub struct ConnectorSpec {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub volume_mounts: Vec<SidecarVolumeMount>,
 }
+
+/// The admin server (`/metrics`, `/livez`, `/readyz`) is reachable from the pod network, so whoever can reach
+/// the pod can open connections to it: these bound what such a peer can hold.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, JsonSchema, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct AdminSettings {
+    /// Address to listen on (default `0.0.0.0`; `127.0.0.1` keeps it inside the pod, which also hides it from
+    /// Prometheus and the kubelet's HTTP probes).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host: Option<String>,
+    /// Connections served at once; further ones wait in the kernel's accept queue (default 64).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_connections: Option<u32>,
+    /// Seconds a client has to send a request's headers before the connection is closed (default 10).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub header_read_timeout_seconds: Option<u32>,
+    /// Seconds a connection may stay open at all, keep-alive included (default 60).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub connection_timeout_seconds: Option<u32>,
+}
+
+pub const DEFAULT_ADMIN_MAX_CONNECTIONS: u32 = 64;
+pub const DEFAULT_ADMIN_HEADER_READ_TIMEOUT_SECONDS: u32 = 10;
+pub const DEFAULT_ADMIN_CONNECTION_TIMEOUT_SECONDS: u32 = 60;
 
 /// One pod volume mounted into the sidecar; the volume itself belongs to the pod (`spec.volumes`).
 #[derive(Deserialize, Serialize, Clone, Debug, JsonSchema, PartialEq)]

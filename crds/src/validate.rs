@@ -27,9 +27,22 @@ impl std::fmt::Display for ValidationErrors {
     }
 }
 
+/// Longest string the protocol's `short_bytes` can carry (a u16 length, spec §1.2): cookie, program and
+/// instance names, stream names (§1.4 HELLO, NOTIFY).
+pub const MAX_SHORT_BYTES: usize = u16::MAX as usize;
+/// Longest external name (topic, queue, channel, table, stream) that becomes part of a stream name; every such
+/// system has a far lower limit of its own.
+pub const MAX_EXTERNAL_NAME: usize = 1024;
+
 struct Check(Vec<FieldError>);
 
 impl Check {
+    /// A string sent on the wire with a u16 length (or part of one): longer ones cannot be encoded.
+    fn max_len(&mut self, field: &str, value: &str, max: usize) {
+        if value.len() > max {
+            self.fail(field, format!("is {} bytes long; at most {max} fit the protocol's length field", value.len()));
+        }
+    }
     fn fail(&mut self, field: impl Into<String>, message: impl Into<String>) {
         self.0.push(FieldError { field: field.into(), message: message.into() });
     }
@@ -114,7 +127,18 @@ impl ConnectorSpec {
             &self.connector_name,
             "use the name given to source_connector()/sink_connector()",
         );
+        c.max_len("spec.connectorName", &self.connector_name, MAX_SHORT_BYTES);
         c.non_empty("spec.worker.host", &self.worker.host, "e.g. 127.0.0.1");
+        c.max_len("spec.worker.host", &self.worker.host, 253);
+        if let Some(v) = &self.worker.cookie {
+            c.max_len("spec.worker.cookie", v, MAX_SHORT_BYTES);
+        }
+        if let Some(v) = &self.worker.program_name {
+            c.max_len("spec.worker.programName", v, MAX_SHORT_BYTES);
+        }
+        if let Some(v) = &self.worker.instance_name {
+            c.max_len("spec.worker.instanceName", v, MAX_SHORT_BYTES);
+        }
         c.port("spec.worker.port", self.worker.port);
         c.port("spec.metricsPort", self.metrics_port);
         if self.worker.cookie.is_some() && self.worker.cookie_from.is_some() {
@@ -127,6 +151,22 @@ impl ConnectorSpec {
             c.fail("spec.worker.refillCredits", format!("must be below maxCredits ({max})"));
         }
         check_worker_limits(&mut c, &self.worker);
+        if let Some(a) = &self.admin {
+            if let Some(h) = &a.host
+                && h.parse::<std::net::IpAddr>().is_err()
+            {
+                c.fail("spec.admin.host", format!("{h:?} is not an IP address; e.g. 0.0.0.0 or 127.0.0.1"));
+            }
+            for (field, v) in [
+                ("spec.admin.maxConnections", a.max_connections),
+                ("spec.admin.headerReadTimeoutSeconds", a.header_read_timeout_seconds),
+                ("spec.admin.connectionTimeoutSeconds", a.connection_timeout_seconds),
+            ] {
+                if v == Some(0) {
+                    c.fail(field, "must be at least 1");
+                }
+            }
+        }
         check_volume_mounts(&mut c, &self.volume_mounts);
         match (&self.source, &self.sink) {
             (Some(_), Some(_)) => c.fail("spec", "set exactly one of source or sink, not both"),
@@ -184,9 +224,32 @@ fn check_source(c: &mut Check, s: &SourceSpec) {
     }
     if let Some(u) = &s.udp {
         c.port("spec.source.udp.port", u.port);
+        if let Some(n) = &u.stream_name {
+            c.max_len("spec.source.udp.streamName", n, MAX_SHORT_BYTES);
+        }
+        if u.buffer == Some(0) {
+            c.fail("spec.source.udp.buffer", "must be at least 1 datagram");
+        }
+        // One maximal datagram must fit, or every datagram would be dropped on arrival.
+        if u.buffer_bytes.is_some_and(|b| b < 65536) {
+            c.fail("spec.source.udp.bufferBytes", "must be at least 65536 (one maximal datagram)");
+        }
     }
     if let Some(f) = &s.file {
         c.non_empty("spec.source.file.path", &f.path, "the file to read");
+        match &f.stream_name {
+            Some(n) => c.max_len("spec.source.file.streamName", n, MAX_SHORT_BYTES),
+            // The path is the stream name then.
+            None => c.max_len("spec.source.file.path", &f.path, MAX_SHORT_BYTES),
+        }
+        if let Some(max) = f.max_record_bytes
+            && !(1..=crate::MAX_RECORD_BYTES).contains(&max)
+        {
+            c.fail(
+                "spec.source.file.maxRecordBytes",
+                format!("must be between 1 and {} (one MESSAGE frame)", crate::MAX_RECORD_BYTES),
+            );
+        }
     }
     if let Some(k) = &s.kafka {
         if k.brokers.is_empty() {
@@ -195,11 +258,15 @@ fn check_source(c: &mut Check, s: &SourceSpec) {
         if k.topics.is_empty() {
             c.fail("spec.source.kafka.topics", "list at least one topic");
         }
+        for (i, t) in k.topics.iter().enumerate() {
+            c.max_len(&format!("spec.source.kafka.topics[{i}]"), t, MAX_EXTERNAL_NAME);
+        }
         c.non_empty("spec.source.kafka.groupId", &k.group_id, "the consumer group shared by all worker pods");
         c.secret("spec.source.kafka.saslPasswordFrom", &k.sasl_password_from);
     }
     if let Some(k) = &s.kinesis {
         c.non_empty("spec.source.kinesis.stream", &k.stream, "the Kinesis stream name");
+        c.max_len("spec.source.kinesis.stream", &k.stream, MAX_EXTERNAL_NAME);
         c.non_empty("spec.source.kinesis.region", &k.region, "e.g. us-east-1");
         c.aws_keys("spec.source.kinesis", &k.access_key_id_from, &k.secret_access_key_from);
         c.endpoint("spec.source.kinesis.endpoint", &k.endpoint);
@@ -210,6 +277,7 @@ fn check_source(c: &mut Check, s: &SourceSpec) {
     if let Some(r) = &s.rabbitmq {
         c.one_of_inline("spec.source.rabbitmq.url", &r.url, &r.url_from, "amqp://guest:guest@127.0.0.1:5672/%2f");
         c.non_empty("spec.source.rabbitmq.queue", &r.queue, "the queue to consume");
+        c.max_len("spec.source.rabbitmq.queue", &r.queue, MAX_EXTERNAL_NAME);
         if r.prefetch == Some(0) {
             c.fail("spec.source.rabbitmq.prefetch", "must be at least 1 (0 would mean unlimited)");
         }
@@ -227,6 +295,12 @@ fn check_source(c: &mut Check, s: &SourceSpec) {
     }
     if let Some(r) = &s.redis {
         c.one_of_inline("spec.source.redis.url", &r.url, &r.url_from, "redis://127.0.0.1:6379");
+        for (i, ch) in r.channels.iter().enumerate() {
+            c.max_len(&format!("spec.source.redis.channels[{i}]"), ch, MAX_EXTERNAL_NAME);
+        }
+        if let Some(st) = &r.stream {
+            c.max_len("spec.source.redis.stream", st, MAX_EXTERNAL_NAME);
+        }
         match r.mode {
             RedisMode::Pubsub if r.channels.is_empty() => {
                 c.fail("spec.source.redis.channels", "mode pubsub needs at least one channel or pattern")
@@ -248,6 +322,7 @@ fn check_source(c: &mut Check, s: &SourceSpec) {
     if let Some(p) = &s.postgres {
         c.one_of_inline("spec.source.postgres.url", &p.url, &p.url_from, "postgres://user@host/db");
         c.identifier("spec.source.postgres.table", &p.table);
+        c.max_len("spec.source.postgres.table", &p.table, MAX_EXTERNAL_NAME);
         c.identifier("spec.source.postgres.idColumn", &p.id_column);
         if let Some(col) = &p.payload_column {
             c.identifier("spec.source.postgres.payloadColumn", col);
@@ -281,6 +356,12 @@ fn check_sink(c: &mut Check, s: &SinkSpec) {
         }
         if p.batch_size == Some(0) {
             c.fail("spec.sink.postgres.batchSize", "must be at least 1");
+        }
+        if p.max_connections == Some(0) {
+            c.fail("spec.sink.postgres.maxConnections", "must be at least 1");
+        }
+        if p.idle_timeout_seconds == Some(0) {
+            c.fail("spec.sink.postgres.idleTimeoutSeconds", "must be at least 1");
         }
     }
     if let Some(s3) = &s.s3 {

@@ -24,8 +24,8 @@ enum Cmd {
         /// Which Connector of a multi-document file to run (by metadata.name); required if there are several.
         #[arg(long)]
         name: Option<String>,
-        /// Admin server address (default 0.0.0.0:<metricsPort>).
-        #[arg(long)]
+        /// Admin server address (default <spec.admin.host, else 0.0.0.0>:<metricsPort>).
+        #[arg(long, env = "WALLAROO_ADMIN_ADDR")]
         admin_addr: Option<std::net::SocketAddr>,
     },
     /// Check a manifest and report every problem, naming the field.

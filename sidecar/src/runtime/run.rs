@@ -35,7 +35,7 @@ pub enum RunError {
 /// Overrides for people and tests; the manifest supplies everything else.
 #[derive(Debug, Clone, Default)]
 pub struct RunOverrides {
-    /// Admin server address (default `0.0.0.0:<metricsPort>`).
+    /// Admin server address (default `<spec.admin.host, 0.0.0.0>:<metricsPort>`).
     pub admin_addr: Option<SocketAddr>,
     pub drain_timeout: Option<Duration>,
 }
@@ -55,13 +55,29 @@ pub async fn run(connector: Connector, overrides: RunOverrides, shutdown: Cancel
     let kind = spec.kind_name().unwrap_or("unknown");
     let metrics = Metrics::new(&spec.connector_name, kind, &direction.to_string())?;
     let health = Health::new();
-    let admin_addr = overrides.admin_addr.unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], spec.metrics_port)));
+    let admin_host: std::net::IpAddr = match spec.admin.as_ref().and_then(|a| a.host.as_deref()) {
+        Some(h) => h
+            .parse()
+            .map_err(|_| RunError::Invalid(format!("spec.admin.host: {h:?} is not an IP address, e.g. 0.0.0.0")))?,
+        None => std::net::Ipv4Addr::UNSPECIFIED.into(),
+    };
+    let admin_addr = overrides.admin_addr.unwrap_or_else(|| SocketAddr::new(admin_host, spec.metrics_port));
     let admin_stop = CancellationToken::new();
-    let (bound, admin) = admin::serve(admin_addr, metrics.clone(), health.clone(), admin_stop.clone())
+    let limits = admin::AdminLimits::from_settings(spec.admin.as_ref());
+    let admin = admin::serve(admin_addr, limits, metrics.clone(), health.clone(), admin_stop.clone())
         .await
         .map_err(|source| RunError::Admin { addr: admin_addr, source })?;
+    let bound = admin.addr;
     tracing::info!(connector = %spec.connector_name, %kind, %direction, admin = %bound, "starting");
     let cookie = spec.worker.resolve_cookie()?;
+    // A cookie from a Secret is only seen now; HELLO carries it with a u16 length (validation checks inline ones).
+    if cookie.len() > wallaroo_crds::MAX_SHORT_BYTES {
+        return Err(RunError::Invalid(format!(
+            "spec.worker.cookieFrom: the cookie is {} bytes long; at most {} fit HELLO's length field",
+            cookie.len(),
+            wallaroo_crds::MAX_SHORT_BYTES
+        )));
+    }
     let drain = overrides
         .drain_timeout
         .unwrap_or_else(|| Duration::from_secs(u64::from(spec.drain_timeout_seconds.unwrap_or(20))));
@@ -118,6 +134,6 @@ pub async fn run(connector: Connector, overrides: RunOverrides, shutdown: Cancel
     };
     health.set_stopping();
     admin_stop.cancel();
-    let _ = admin.await;
+    let _ = admin.task.await;
     result
 }

@@ -9,18 +9,22 @@ use crate::runtime::{Health, Metrics};
 
 /// Opens a connection and drives it on its own task. `lock_timeout` keeps a worker's session from waiting
 /// forever on a row lock (e.g. its own offsets row held by a prepared transaction), turning it into an error.
+/// The server sees `application_name = wallaroo-connector` unless the URL names one (`?application_name=...`),
+/// which tells the backends of several sinks apart in `pg_stat_activity`.
 pub async fn connect(url: &str, health: &Health, metrics: &Metrics) -> Result<Client, SinkError> {
-    match tokio_postgres::connect(url, NoTls).await {
+    let mut config: tokio_postgres::Config =
+        url.parse().map_err(|e| SinkError::Permanent(format!("spec.sink.postgres.url: not a PostgreSQL URL: {e}")))?;
+    if config.get_application_name().is_none() {
+        config.application_name("wallaroo-connector");
+    }
+    match config.connect(NoTls).await {
         Ok((client, connection)) => {
             tokio::spawn(async move {
                 if let Err(e) = connection.await {
                     tracing::warn!(error = %e, "postgres connection ended");
                 }
             });
-            client
-                .batch_execute("SET lock_timeout = '10s'; SET application_name = 'wallaroo-connector'")
-                .await
-                .map_err(|e| classify(e, "session setup"))?;
+            client.batch_execute("SET lock_timeout = '10s'").await.map_err(|e| classify(e, "session setup"))?;
             health.set_external(true);
             metrics.external_connected.set(1);
             Ok(client)

@@ -12,12 +12,16 @@
 //! Either way the published rows and `wallaroo_sink_offsets.committed_end` change in one transaction, so a
 //! recovered worker resumes exactly after what the table holds.
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use tokio::sync::{Mutex, OnceCell, RwLock};
+use tokio::sync::{Mutex, OnceCell, OwnedSemaphorePermit, RwLock, Semaphore};
 use tokio_postgres::Client;
-use wallaroo_crds::{PayloadMapping, PostgresSink as PostgresSinkConfig, PostgresTwoPhase};
+use wallaroo_crds::{
+    DEFAULT_POSTGRES_IDLE_TIMEOUT_SECONDS, DEFAULT_POSTGRES_MAX_CONNECTIONS, PayloadMapping,
+    PostgresSink as PostgresSinkConfig, PostgresTwoPhase,
+};
 
 use crate::runtime::sink_api::{Guarantee, Recovery, SinkError, SinkIntegration, SinkRecord, Txn};
 use crate::runtime::{Health, Metrics};
@@ -34,6 +38,8 @@ use rows::{ColumnTypes, CopyBatch, Encoder, Layout};
 
 /// Staged payload bytes buffered per worker before they are written as one staging row.
 const CHUNK_BYTES: usize = 4 << 20;
+/// How long a worker waits for a connection slot when every slot holds an open round.
+const SLOT_WAIT: Duration = Duration::from_secs(30);
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Mode {
@@ -68,6 +74,41 @@ struct Worker {
     chunk: Vec<u8>,
     chunk_start: u64,
     chunk_rows: i32,
+    /// One of the sink's `maxConnections` slots, held while `client` is.
+    permit: Option<OwnedSemaphorePermit>,
+    /// Last time the worker's connection was asked for (for idle release and eviction).
+    last_used: Option<Instant>,
+}
+
+impl Worker {
+    /// Its connection can be closed without losing anything: no round is open on it.
+    fn releasable(&self) -> bool {
+        !self.in_tx && self.copy.is_none() && (self.client.is_some() || self.permit.is_some())
+    }
+
+    fn release(&mut self) {
+        self.copy = None;
+        self.client = None;
+        self.permit = None;
+    }
+}
+
+type Workers = std::sync::Mutex<HashMap<String, Arc<Mutex<Worker>>>>;
+
+/// Closes the connections of workers idle for `idle` (not locked by a call, no open round).
+fn release_idle(workers: &Workers, idle: Duration) -> usize {
+    let map = workers.lock().unwrap_or_else(|p| p.into_inner());
+    let mut released = 0;
+    for w in map.values() {
+        if let Ok(mut w) = w.try_lock()
+            && w.releasable()
+            && w.last_used.is_none_or(|t| t.elapsed() >= idle)
+        {
+            w.release();
+            released += 1;
+        }
+    }
+    released
 }
 
 pub struct PostgresSink {
@@ -80,7 +121,10 @@ pub struct PostgresSink {
     control: Control,
     mode: OnceCell<Mode>,
     types: RwLock<Option<Arc<ColumnTypes>>>,
-    workers: std::sync::Mutex<HashMap<String, Arc<Mutex<Worker>>>>,
+    workers: Arc<Workers>,
+    /// Bounds the per-worker connections (`maxConnections`).
+    slots: Arc<Semaphore>,
+    max_connections: usize,
 }
 
 /// `url` inline or from a secret.
@@ -101,6 +145,10 @@ impl PostgresSink {
     /// worker's recover retries), but a server that cannot do what `twoPhase` asks for is.
     pub async fn connect(cfg: PostgresSinkConfig, health: Health, metrics: Metrics) -> Result<Self, SinkError> {
         let url = resolve_url(&cfg.url, &cfg.url_from, "spec.sink.postgres.url").map_err(SinkError::Permanent)?;
+        let max_connections = cfg.max_connections.unwrap_or(DEFAULT_POSTGRES_MAX_CONNECTIONS).max(1) as usize;
+        let idle = Duration::from_secs(u64::from(
+            cfg.idle_timeout_seconds.unwrap_or(DEFAULT_POSTGRES_IDLE_TIMEOUT_SECONDS).max(1),
+        ));
         let sink = Self {
             table: cfg.table.clone(),
             layout: Layout::from_config(&cfg),
@@ -111,8 +159,11 @@ impl PostgresSink {
             control: Control::new(url, health, metrics),
             mode: OnceCell::new(),
             types: RwLock::new(None),
-            workers: std::sync::Mutex::new(HashMap::new()),
+            workers: Arc::new(std::sync::Mutex::new(HashMap::new())),
+            slots: Arc::new(Semaphore::new(max_connections)),
+            max_connections,
         };
+        spawn_idle_reaper(Arc::downgrade(&sink.workers), idle);
         match sink.init().await {
             Ok(mode) => tracing::info!(table = %sink.table, mode = mode.as_str(), "postgres sink ready"),
             Err(SinkError::Transient(e)) => {
@@ -177,15 +228,55 @@ impl PostgresSink {
 
     /// (Re)connects the worker's own connection; a lost connection takes its open round with it.
     async fn ensure_client(&self, w: &mut Worker) -> Result<(), SinkError> {
+        w.last_used = Some(Instant::now());
         if w.client.as_ref().is_none_or(|c| c.is_closed()) {
             if w.in_tx {
                 w.in_tx = false;
                 w.tx_ok = false;
             }
             w.copy = None;
+            w.client = None;
+            if w.permit.is_none() {
+                w.permit = Some(self.slot().await?);
+            }
             w.client = Some(conn::connect(self.control.url(), self.control.health(), self.control.metrics()).await?);
         }
         Ok(())
+    }
+
+    /// A connection slot: a free one, else the one of the least recently used idle worker, else the first
+    /// freed within [`SLOT_WAIT`].
+    async fn slot(&self) -> Result<OwnedSemaphorePermit, SinkError> {
+        if let Ok(p) = self.slots.clone().try_acquire_owned() {
+            return Ok(p);
+        }
+        let oldest = {
+            let map = self.workers.lock().unwrap_or_else(|p| p.into_inner());
+            map.values()
+                .filter_map(|w| {
+                    let last = w.try_lock().ok().filter(|g| g.releasable() && g.permit.is_some())?.last_used;
+                    Some((last, w.clone()))
+                })
+                .min_by_key(|(last, _)| *last)
+                .map(|(_, w)| w)
+        };
+        if let Some(w) = oldest
+            && let Ok(mut g) = w.try_lock()
+            && g.releasable()
+        {
+            tracing::debug!(
+                max = self.max_connections,
+                "postgres sink: closing the least recently used idle connection"
+            );
+            g.release();
+        }
+        match tokio::time::timeout(SLOT_WAIT, self.slots.clone().acquire_owned()).await {
+            Ok(Ok(p)) => Ok(p),
+            _ => Err(SinkError::Transient(format!(
+                "postgres: all {} worker connections hold open rounds (spec.sink.postgres.maxConnections)",
+                self.max_connections
+            ))),
+        }
     }
 
     /// Rolls back this worker's prepared transactions that start at or after `from`.
@@ -322,6 +413,21 @@ impl SinkIntegration for PostgresSink {
             .map_err(|e| classify(e, "forgetting offsets"))?;
         Ok(())
     }
+}
+
+/// Every so often, closes the connections of workers idle for `idle`; ends with the sink.
+fn spawn_idle_reaper(workers: Weak<Workers>, idle: Duration) {
+    let every = (idle / 4).clamp(Duration::from_millis(100), Duration::from_secs(10));
+    tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(every).await;
+            let Some(workers) = workers.upgrade() else { break };
+            let n = release_idle(&workers, idle);
+            if n > 0 {
+                tracing::debug!(released = n, "postgres sink: closed idle worker connections");
+            }
+        }
+    });
 }
 
 /// Sends COPY batches on `client` (inside whatever transaction it has open).

@@ -8,7 +8,7 @@ use std::collections::VecDeque;
 
 use bytes::Bytes;
 use tokio::net::UdpSocket;
-use wallaroo_crds::UdpSource as UdpSourceConfig;
+use wallaroo_crds::{DEFAULT_UDP_BUFFER_BYTES, UdpSource as UdpSourceConfig};
 
 use crate::runtime::source_api::{
     Command, Emit, Position, Record, SourceContext, SourceError, SourceIntegration, stream_id_for,
@@ -27,6 +27,49 @@ impl UdpSource {
 const MAX_DATAGRAM: usize = 65536;
 const BATCH: usize = 1024;
 
+/// Datagrams not yet acknowledged by the worker (oldest first), for replay after a reconnect; bounded by count
+/// and by payload bytes, the oldest dropped first.
+struct Replay {
+    records: VecDeque<Record>,
+    bytes: u64,
+    max_count: usize,
+    max_bytes: u64,
+}
+
+impl Replay {
+    fn new(max_count: usize, max_bytes: u64) -> Self {
+        Self { records: VecDeque::new(), bytes: 0, max_count: max_count.max(1), max_bytes }
+    }
+
+    /// Adds a record; returns how many old ones were dropped to make room.
+    fn push(&mut self, r: Record) -> usize {
+        let len = r.payload.len() as u64;
+        let mut dropped = 0;
+        while !self.records.is_empty()
+            && (self.records.len() >= self.max_count || self.bytes.saturating_add(len) > self.max_bytes)
+        {
+            self.pop_front();
+            dropped += 1;
+        }
+        self.bytes += len;
+        self.records.push_back(r);
+        dropped
+    }
+
+    fn pop_front(&mut self) {
+        if let Some(r) = self.records.pop_front() {
+            self.bytes -= r.payload.len() as u64;
+        }
+    }
+
+    /// Drops everything through point of reference `p` (acknowledged by the worker).
+    fn release_through(&mut self, p: u64) {
+        while self.records.front().is_some_and(|r| r.por <= p) {
+            self.pop_front();
+        }
+    }
+}
+
 #[async_trait::async_trait]
 impl SourceIntegration for UdpSource {
     async fn run(self: Box<Self>, mut ctx: SourceContext) -> Result<(), SourceError> {
@@ -42,8 +85,7 @@ impl SourceIntegration for UdpSource {
         ctx.emit.send(Emit::Stream { name }).await.map_err(|_| SourceError::RuntimeGone)?;
 
         let capacity = self.cfg.buffer.unwrap_or(65536).max(1) as usize;
-        // Datagrams not yet acknowledged by the worker (oldest first), for replay after a reconnect.
-        let mut unacked: VecDeque<Record> = VecDeque::new();
+        let mut unacked = Replay::new(capacity, self.cfg.buffer_bytes.unwrap_or(DEFAULT_UDP_BUFFER_BYTES));
         let mut next_por: u64 = 0;
         let mut generation: Option<u64> = None;
         // Records read but not yet handed to the runtime.
@@ -67,25 +109,19 @@ impl SourceIntegration for UdpSource {
                             // First grant in this process: the worker may remember points from an earlier run of
                             // the sidecar, so number what arrived while waiting from just after its point.
                             let base = after.map_or(0, |p| p.saturating_add(1));
-                            for (i, r) in unacked.iter_mut().enumerate() {
+                            for (i, r) in unacked.records.iter_mut().enumerate() {
                                 r.por = base + i as u64;
                             }
-                            next_por = base + unacked.len() as u64;
+                            next_por = base + unacked.records.len() as u64;
                         } else if let Some(p) = after {
                             next_por = next_por.max(p.saturating_add(1));
-                            while unacked.front().is_some_and(|r| r.por <= p) {
-                                unacked.pop_front();
-                            }
+                            unacked.release_through(p);
                         }
                         generation = Some(g);
                         // Everything unacknowledged is sent again, then new datagrams follow.
-                        outbox = unacked.iter().cloned().collect();
+                        outbox = unacked.records.iter().cloned().collect();
                     }
-                    Some(Command::Durable { through, .. }) => {
-                        while unacked.front().is_some_and(|r| r.por <= through) {
-                            unacked.pop_front();
-                        }
-                    }
+                    Some(Command::Durable { through, .. }) => unacked.release_through(through),
                     Some(Command::Finished { .. }) => {}
                 },
                 permit = ctx.emit.reserve(), if sendable => {
@@ -107,15 +143,82 @@ impl SourceIntegration for UdpSource {
                         };
                         let rec = Record { por: next_por, key: None, payload };
                         next_por += 1;
-                        if unacked.len() >= capacity {
-                            unacked.pop_front();
+                        for _ in 0..unacked.push(rec.clone()) {
                             ctx.metrics.error("buffer_overflow", "source");
                         }
-                        unacked.push_back(rec.clone());
                         outbox.push(rec);
                     }
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rec(por: u64, len: usize) -> Record {
+        Record { por, key: None, payload: Bytes::from(vec![0u8; len]) }
+    }
+
+    #[test]
+    fn the_replay_buffer_is_bounded_by_bytes_as_well_as_count() {
+        let mut r = Replay::new(1000, 1000);
+        let dropped: usize = (0..20).map(|i| r.push(rec(i, 100))).sum();
+        assert_eq!((r.records.len(), r.bytes, dropped), (10, 1000, 10));
+        assert_eq!(r.records.front().map(|r| r.por), Some(10), "the oldest are dropped");
+        // One record larger than the whole budget is still kept alone rather than dropped on arrival.
+        r.push(rec(20, 5000));
+        assert_eq!((r.records.len(), r.bytes), (1, 5000));
+        r.release_through(20);
+        assert_eq!((r.records.len(), r.bytes), (0, 0));
+        let mut by_count = Replay::new(3, u64::MAX);
+        for i in 0..5 {
+            by_count.push(rec(i, 1));
+        }
+        assert_eq!(by_count.records.len(), 3);
+    }
+
+    #[tokio::test]
+    async fn datagrams_beyond_buffer_bytes_are_dropped_oldest_first() {
+        let port = std::net::UdpSocket::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let cfg: UdpSourceConfig = serde_json::from_value(
+            serde_json::json!({"host": "127.0.0.1", "port": port, "streamName": "u", "bufferBytes": 1000}),
+        )
+        .unwrap();
+        let (emit_tx, mut emit) = tokio::sync::mpsc::channel(16);
+        let (commands, cmd_rx) = tokio::sync::mpsc::channel(16);
+        let ctx = SourceContext {
+            emit: emit_tx,
+            commands: cmd_rx,
+            health: crate::runtime::Health::new(),
+            metrics: crate::runtime::Metrics::new("t", "udp", "source").unwrap(),
+            shutdown: tokio_util::sync::CancellationToken::new(),
+            instance: "test".into(),
+        };
+        let health = ctx.health.clone();
+        let overflow = ctx.metrics.errors_total.with_label_values(&["buffer_overflow", "source"]);
+        let task = tokio::spawn(Box::new(UdpSource::new(cfg)).run(ctx));
+        let Some(Emit::Stream { .. }) = emit.recv().await else { panic!("stream first") };
+        assert!(health.external(), "bound");
+        let tx = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        for i in 0..20u8 {
+            tx.send_to(&[i; 100], ("127.0.0.1", port)).unwrap();
+        }
+        // Let the source take them all in before the worker grants the stream: ten are dropped on the way.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        while overflow.get() < 10 {
+            assert!(std::time::Instant::now() < deadline, "the source took in the datagrams");
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        commands
+            .send(Command::Start { stream: stream_id_for(b"u"), from: Position::Beginning, generation: 1 })
+            .await
+            .unwrap();
+        let Some(Emit::Records { records, .. }) = emit.recv().await else { panic!("records") };
+        assert_eq!(records.len(), 10, "1000 bytes hold ten 100-byte datagrams");
+        assert_eq!(records[0].payload[0], 10, "the oldest were dropped");
+        task.abort();
     }
 }
