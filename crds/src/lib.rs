@@ -21,8 +21,8 @@ pub use sources::*;
 pub use spec::{
     AdminSettings, Connector, ConnectorSpec, DEFAULT_ADMIN_CONNECTION_TIMEOUT_SECONDS,
     DEFAULT_ADMIN_HEADER_READ_TIMEOUT_SECONDS, DEFAULT_ADMIN_MAX_CONNECTIONS, DEFAULT_COOKIE,
-    DEFAULT_HANDSHAKE_TIMEOUT_SECONDS, DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_FRAME_BYTES, DEFAULT_METRICS_PORT, Direction,
-    MIN_MAX_FRAME_BYTES, ResourceSettings, SidecarVolumeMount, WorkerEndpoint,
+    DEFAULT_HANDSHAKE_TIMEOUT_SECONDS, DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_FRAME_BYTES, DEFAULT_METRICS_PORT,
+    Direction, MIN_MAX_FRAME_BYTES, ResourceSettings, SidecarVolumeMount, WorkerEndpoint,
 };
 pub use status::{Condition, ConnectorStatus};
 pub use validate::{FieldError, MAX_EXTERNAL_NAME, MAX_SHORT_BYTES, ValidationErrors};

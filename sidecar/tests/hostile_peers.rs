@@ -256,3 +256,122 @@ async fn data_without_any_checkpoint_round_is_reported() {
     }
     panic!("no report of data flowing without checkpoint rounds:\n{}", served.metrics.render());
 }
+
+/// A 0-based-offset source (like a Kafka partition) that records every durable point it is told.
+struct Recording {
+    n: u64,
+    durable: Arc<std::sync::Mutex<Vec<u64>>>,
+}
+
+#[async_trait::async_trait]
+impl wallaroo_connector::runtime::source_api::SourceIntegration for Recording {
+    async fn run(
+        self: Box<Self>,
+        mut ctx: wallaroo_connector::runtime::source_api::SourceContext,
+    ) -> Result<(), wallaroo_connector::runtime::source_api::SourceError> {
+        use wallaroo_connector::runtime::source_api::{Command, Emit, Position, Record, SourceError};
+        let gone = |_| SourceError::RuntimeGone;
+        ctx.emit.send(Emit::Stream { name: "p0".into() }).await.map_err(gone)?;
+        loop {
+            tokio::select! {
+                cmd = ctx.commands.recv() => match cmd {
+                    Some(Command::Start { stream, from, generation }) => {
+                        let first = match from { Position::Beginning => 0, Position::After(p) => p.saturating_add(1) };
+                        let records: Vec<Record> = (first..self.n)
+                            .map(|i| Record { por: i, key: None, payload: Bytes::from_static(b"r") })
+                            .collect();
+                        if !records.is_empty() {
+                            ctx.emit.send(Emit::Records { stream, generation, records }).await.map_err(gone)?;
+                        }
+                    }
+                    Some(Command::Durable { through, .. }) => self.durable.lock().unwrap().push(through),
+                    Some(_) => {}
+                    None => return Ok(()),
+                },
+                _ = ctx.shutdown.cancelled() => return Ok(()),
+            }
+        }
+    }
+}
+
+/// Well-formed worker frames with hostile contents, mixed with garbage.
+fn worker_frames() -> impl Strategy<Value = Vec<Vec<u8>>> {
+    use wallaroo_connector::protocol::{Frame, stream_id_for};
+    let encode = |f: Frame| {
+        let mut b = BytesMut::new();
+        f.encode(&mut b).unwrap();
+        b.to_vec()
+    };
+    let sid = stream_id_for(b"p0");
+    let ack = (any::<u32>(), any::<u64>(), any::<bool>()).prop_map(move |(credits, por, small)| {
+        let por = if small { por % 128 } else { por };
+        encode(Frame::Ack { credits: credits % 1000, acks: vec![(sid, por)] })
+    });
+    let notify_ack = (any::<bool>(), any::<u64>())
+        .prop_map(move |(success, por)| encode(Frame::NotifyAck { success, stream_id: sid, point_of_ref: por }));
+    let restart = proptest::collection::vec(any::<u8>(), 0..24)
+        .prop_map(move |a| encode(Frame::Restart { address: Bytes::from(a) }));
+    let garbage = arbitrary_frames().prop_map(|v| v.concat());
+    proptest::collection::vec(prop_oneof![4 => ack, 2 => notify_ack, 1 => restart, 1 => garbage], 1..24)
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 48, ..ProptestConfig::default() })]
+    /// A hostile "worker" answers the source's HELLO with random frames (OK with any credits, NOTIFY_ACKs with any
+    /// point, ACKs with any entries, garbage). The source never panics, keeps reconnecting, and never commits
+    /// upstream a point it did not send or was not granted.
+    #[test]
+    fn random_worker_frames_never_break_the_source(frames in worker_frames(), grant in any::<u64>()) {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        rt.block_on(async {
+            use wallaroo_connector::protocol::source::SourceSessionConfig;
+            use wallaroo_connector::protocol::{Frame, SOURCE_VERSION, stream_id_for};
+            use wallaroo_connector::runtime::source_driver::{SourceDriver, SourceDriverConfig};
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let addr = listener.local_addr().unwrap();
+            let session = SourceSessionConfig {
+                version: SOURCE_VERSION.into(),
+                cookie: "c".into(),
+                program_name: "p".into(),
+                instance_name: "i".into(),
+            };
+            let mut cfg = SourceDriverConfig::new(addr.to_string(), session);
+            cfg.backoff_initial = Duration::from_millis(10);
+            cfg.backoff_max = Duration::from_millis(50);
+            let durable = Arc::new(std::sync::Mutex::new(Vec::new()));
+            let stop = CancellationToken::new();
+            let metrics = Metrics::new("fuzz", "test", "source").unwrap();
+            let integration = Box::new(Recording { n: 50, durable: durable.clone() });
+            let driver = SourceDriver::start(cfg, integration, Health::new(), metrics, stop.clone());
+            let task = tokio::spawn(driver.run(stop.clone()));
+            for round in 0..2 {
+                let (mut s, _) = tokio::time::timeout(Duration::from_secs(10), listener.accept()).await.unwrap().unwrap();
+                let mut hello = [0u8; 512];
+                let _ = tokio::time::timeout(Duration::from_millis(200), s.read(&mut hello)).await;
+                // Half the rounds start like a real worker, so later frames meet a streaming session.
+                if round == 0 {
+                    let mut b = BytesMut::new();
+                    Frame::Ok { initial_credits: 100 }.encode(&mut b).unwrap();
+                    Frame::NotifyAck { success: true, stream_id: stream_id_for(b"p0"), point_of_ref: grant % 64 }
+                        .encode(&mut b)
+                        .unwrap();
+                    let _ = s.write_all(&b).await;
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                for f in &frames {
+                    if s.write_all(f).await.is_err() {
+                        break;
+                    }
+                }
+                let _ = closed_within(&mut s, Duration::from_millis(200)).await;
+            }
+            assert!(!task.is_finished(), "the source gave up (or panicked) on a hostile worker");
+            stop.cancel();
+            let _ = tokio::time::timeout(Duration::from_secs(10), task).await;
+            let sent_max = 49u64.max(grant % 64);
+            for through in durable.lock().unwrap().iter() {
+                assert!(*through <= sent_max, "committed through {through}, beyond anything sent or granted");
+            }
+        });
+    }
+}
