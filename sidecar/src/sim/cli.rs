@@ -97,9 +97,15 @@ pub async fn run(args: SimArgs, shutdown: CancellationToken) -> anyhow::Result<(
         tokio::select! {
             p = rx.recv(), if source.is_some() => {
                 let Some(p) = p else { break };
+                // Undone by a rollback since it was processed: the replay brings it again.
+                if source.as_ref().is_some_and(|src| p.epoch < src.epoch()) {
+                    continue;
+                }
                 processed += 1;
-                if let Some(out) = app(&p.payload) {
-                    emit(&out, &args, &mut stdout, &mut save, &mut sink).await?;
+                if let Some(out) = app(&p.payload)
+                    && let Err(e) = emit(&out, &args, &mut stdout, &mut save, &mut sink).await
+                {
+                    sink_failed(&source, &mut sink, &e);
                 }
                 if let Some(src) = &source {
                     if args.restart_every.is_some_and(|n| n > 0 && processed.is_multiple_of(n)) {
@@ -117,7 +123,9 @@ pub async fn run(args: SimArgs, shutdown: CancellationToken) -> anyhow::Result<(
                 }
             }
             _ = tick.tick(), if sink.is_some() => {
-                checkpoint(&source, &mut sink, &mut rx, &args, &mut stdout, &mut save).await?;
+                if let Err(e) = checkpoint(&source, &mut sink, &mut rx, &args, &mut stdout, &mut save).await {
+                    sink_failed(&source, &mut sink, &e);
+                }
             }
             _ = shutdown.cancelled() => break,
         }
@@ -128,6 +136,18 @@ pub async fn run(args: SimArgs, shutdown: CancellationToken) -> anyhow::Result<(
         tracing::info!(processed, ?stats, "sim worker done");
     }
     Ok(())
+}
+
+/// The sink went away (or refused a write): like the worker, abort what is in flight and roll back, so the source
+/// replays from the last checkpoint and the sink output restarts at its last commit. The next tick reconnects.
+fn sink_failed(source: &Option<SourceSim>, sink: &mut Option<SinkSim>, e: &anyhow::Error) {
+    tracing::warn!(error = %e, "sink connection failed: rolling back");
+    if let Some(s) = sink.as_mut() {
+        s.rollback_round();
+    }
+    if let Some(src) = source {
+        src.restart_connections();
+    }
 }
 
 async fn connect_sink(addr: SocketAddr, args: &SimArgs, shutdown: &CancellationToken) -> anyhow::Result<SinkSim> {
@@ -186,7 +206,11 @@ async fn checkpoint(
     save: &mut Option<tokio::fs::File>,
 ) -> anyhow::Result<()> {
     let app = apps::by_name(&args.app).unwrap_or(apps::identity);
+    let epoch = source.as_ref().map_or(0, |s| s.epoch());
     while let Ok(p) = rx.try_recv() {
+        if p.epoch < epoch {
+            continue;
+        }
         if let Some(out) = app(&p.payload) {
             emit(&out, args, stdout, save, sink).await?;
         }

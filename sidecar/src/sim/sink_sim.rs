@@ -235,10 +235,11 @@ impl SinkSim {
     /// Phase 2 commit of the open round (the checkpoint completed cluster-wide).
     pub async fn phase2_commit(&mut self) -> Result<(), SinkSimError> {
         let (txn, end) = self.open_round.take().ok_or_else(|| SinkSimError::Violation("no open round".into()))?;
-        self.send_frame(TwoPc::Phase2 { txn_id: txn, commit: true }.to_frame().map_err(CodecError::from)?).await?;
+        // The checkpoint is complete cluster-wide whether or not this Phase 2 arrives; a lost one is resolved
+        // through ListUncommitted on the next connection.
         self.committed = end;
         self.last_completed = self.checkpoint_id;
-        Ok(())
+        self.send_frame(TwoPc::Phase2 { txn_id: txn, commit: true }.to_frame().map_err(CodecError::from)?).await
     }
 
     /// A whole checkpoint: Phase 1, then Phase 2 commit, or a rollback when the sink votes abort. After a dropped

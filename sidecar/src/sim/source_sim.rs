@@ -81,6 +81,9 @@ pub struct Processed {
     pub stream: Bytes,
     pub message_id: u64,
     pub payload: Bytes,
+    /// Rollbacks before this message was processed: a consumer drops messages of an older epoch, which a
+    /// rollback undid (they are replayed).
+    pub epoch: u64,
 }
 
 #[derive(Debug, Default)]
@@ -133,6 +136,7 @@ pub struct SourceSimState {
     checkpoint_id: u64,
     stalled: bool,
     credits_stalled: bool,
+    epoch: u64,
     rolling_back: bool,
     next_conn: u64,
     stats: SimStats,
@@ -313,7 +317,12 @@ impl SourceSimState {
                     if self.cfg.keep_payloads {
                         rec.processed.push((m.message_id, m.payload.clone()));
                     }
-                    out.push(Processed { stream: rec.name.clone(), message_id: m.message_id, payload: m.payload });
+                    out.push(Processed {
+                        stream: rec.name.clone(),
+                        message_id: m.message_id,
+                        payload: m.payload,
+                        epoch: self.epoch,
+                    });
                 }
             }
             Frame::Eos { stream_id } => {
@@ -405,6 +414,7 @@ impl SourceSimState {
     /// Rollback (spec 2.9): processed effects since the last checkpoint are undone, every connection is told to
     /// RESTART (or just closed) and its streams go back to the registry at their checkpointed point.
     fn rollback(&mut self, send_restart: bool, to: Option<String>) {
+        self.epoch += 1;
         for rec in self.streams.values_mut() {
             rec.processed.truncate(rec.committed_len);
             rec.processed_count = rec.committed_count;
@@ -462,6 +472,7 @@ impl SourceSim {
             checkpoint_id: 0,
             stalled: false,
             credits_stalled: false,
+            epoch: 0,
             rolling_back: false,
             next_conn: 0,
             stats: SimStats::default(),
@@ -523,6 +534,10 @@ impl SourceSim {
     }
     pub fn stats(&self) -> SimStats {
         self.with(|s| s.stats())
+    }
+    /// Rollbacks so far (see [`Processed::epoch`]).
+    pub fn epoch(&self) -> u64 {
+        self.with(|s| s.epoch)
     }
 
     /// Completes a checkpoint now (sends the ACKs).
