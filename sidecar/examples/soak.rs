@@ -1,7 +1,8 @@
 //! Runs the deterministic simulation over many seeds and reports the failing ones.
 //!
 //! `cargo run -p wallaroo-connector --release --example soak -- --seeds 100000 [--start 0]`
-//! `cargo run -p wallaroo-connector --release --example soak -- --replay 1234` prints one seed's report.
+//! `cargo run -p wallaroo-connector --release --example soak -- --replay 1234 [--trace]` prints one seed's report
+//! (with `--trace`, every event of the run).
 use std::time::Instant;
 
 use wallaroo_connector::sim::dst;
@@ -13,7 +14,9 @@ fn arg(args: &[String], name: &str) -> Option<u64> {
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     if let Some(seed) = arg(&args, "--replay") {
-        let r = dst::run(seed);
+        let mut cfg = dst::Config::from_seed(seed);
+        cfg.full_trace = args.iter().any(|a| a == "--trace");
+        let r = dst::run_config(cfg);
         if r.ok() {
             println!("seed {seed} passed after {} steps, hash {:016x} ({})", r.steps, r.hash, r.summary);
         } else {

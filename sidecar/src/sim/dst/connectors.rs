@@ -25,13 +25,25 @@ use crate::sources::kafka::partitions::{Book, Out, Tp};
 
 pub const TOPIC: &str = "t";
 
+/// The consumer's position in one partition and the generation (epoch) of the start it serves.
 #[derive(Debug)]
 struct Reader {
     epoch: u64,
     next: u64,
-    /// Records read from the log, not yet handed to the session.
-    buf: VecDeque<u64>,
 }
+
+/// A batch handed to the driver, possibly across several credit refills (the driver's `Pending`).
+#[derive(Debug)]
+struct Batch {
+    stream: u64,
+    generation: u64,
+    records: Vec<Record>,
+    next: usize,
+}
+
+/// Batches in the emit channel (`source_api::EMIT_CAPACITY`): records read before a rewind may still be queued
+/// here when the stream restarts, which is what the generation check exists for.
+const CHANNEL: usize = 16;
 
 pub struct SourceConnector {
     cfg: SourceSessionConfig,
@@ -40,6 +52,8 @@ pub struct SourceConnector {
     tps: Vec<Tp>,
     part_of: BTreeMap<u64, usize>,
     readers: BTreeMap<usize, Reader>,
+    channel: VecDeque<Batch>,
+    pending: Option<Batch>,
     pub link: Option<u64>,
     /// Worker it connects to (changed by RESTART), and the configured one.
     pub target: usize,
@@ -71,6 +85,8 @@ impl SourceConnector {
             tps,
             part_of,
             readers: BTreeMap::new(),
+            channel: VecDeque::new(),
+            pending: None,
             link: None,
             target: configured,
             configured,
@@ -119,7 +135,7 @@ impl SourceConnector {
                         StartAt::Offset(o) => u64::try_from(o).unwrap_or(0),
                         StartAt::Committed(_) => log.committed.get(p).copied().flatten().map_or(0, |o| o.max(0) as u64),
                     };
-                    self.readers.insert(p, Reader { epoch, next, buf: VecDeque::new() });
+                    self.readers.insert(p, Reader { epoch, next });
                 }
                 Out::Control(Control::Commit { tp, next_offset }) => log.commit(tp.partition as usize, next_offset),
                 Out::Control(Control::RevokeDone) => self.revoked = true,
@@ -210,72 +226,73 @@ impl SourceConnector {
         }
     }
 
-    /// Partitions whose reader can read more.
+    /// Partitions whose reader can read more (and the channel has room).
     pub fn readable(&self, log: &PartitionedLog) -> Vec<usize> {
-        self.readers.iter().filter(|(p, r)| r.buf.len() < 8 && r.next < log.len(**p)).map(|(p, _)| *p).collect()
+        if self.channel.len() >= CHANNEL {
+            return Vec::new();
+        }
+        self.readers.iter().filter(|(p, r)| r.next < log.len(**p)).map(|(p, _)| *p).collect()
     }
 
-    /// The integration reads up to `n` records of partition `p`.
+    /// The integration reads up to `n` records of partition `p` and emits them as one batch, if `Book` lets it.
     pub fn read(&mut self, p: usize, n: u64, log: &PartitionedLog) {
-        if let Some(r) = self.readers.get_mut(&p) {
-            for _ in 0..n {
-                if r.next >= log.len(p) {
-                    break;
-                }
-                r.buf.push_back(r.next);
-                r.next += 1;
+        let Some(tp) = self.tps.get(p).cloned() else { return };
+        let Some(r) = self.readers.get_mut(&p) else { return };
+        let mut records = Vec::new();
+        while (records.len() as u64) < n && r.next < log.len(p) {
+            if let Some(payload) = log.get(p, r.next) {
+                records.push(Record { por: r.next, key: None, payload });
             }
+            r.next += 1;
+        }
+        let epoch = r.epoch;
+        if let Some(Emit::Records { stream, generation, records }) = self.book.records(&tp, epoch, records) {
+            self.channel.push_back(Batch { stream, generation, records, next: 0 });
         }
     }
 
     pub fn has_buffered(&self) -> bool {
-        self.readers.values().any(|r| !r.buf.is_empty())
+        self.pending.is_some() || !self.channel.is_empty()
     }
 
-    /// Hands buffered records to the session while it takes them (the driver's `pump`), starting at `first`.
-    pub fn pump(&mut self, first: usize, log: &PartitionedLog) {
-        let parts: Vec<usize> = self.readers.keys().copied().collect();
-        if parts.is_empty() {
-            return;
-        }
-        for k in 0..parts.len() {
-            let p = parts[(first + k) % parts.len()];
-            let Some(tp) = self.tps.get(p).cloned() else { continue };
-            loop {
-                let Some(r) = self.readers.get(&p) else { break };
-                let Some(&offset) = r.buf.front() else { break };
-                let epoch = r.epoch;
-                let Some(payload) = log.get(p, offset) else { break };
-                let rec = Record { por: offset, key: None, payload };
-                let Some(Emit::Records { stream, generation, records }) = self.book.records(&tp, epoch, vec![rec])
-                else {
-                    // Stale or draining: the batch is dropped, as the driver does.
-                    if let Some(r) = self.readers.get_mut(&p) {
-                        r.buf.clear();
+    /// Feeds batches to the session while credits last: the source driver's `pump`.
+    pub fn pump(&mut self) {
+        loop {
+            let Some(b) = self.pending.as_mut() else {
+                if !self.session.can_send() {
+                    return;
+                }
+                match self.channel.pop_front() {
+                    Some(b) => {
+                        self.pending = Some(b);
+                        continue;
                     }
-                    break;
-                };
-                let Some(rec) = records.first() else { break };
-                match self.session.send_message(stream, generation, rec.por, None, &rec.payload) {
-                    Ok(_) => {
-                        self.sent += 1;
-                        if let Some(r) = self.readers.get_mut(&p) {
-                            r.buf.pop_front();
-                        }
-                    }
-                    Err(SendError::NotReady) => return,
-                    Err(SendError::NotIncreasing { .. }) => {
-                        if let Some(r) = self.readers.get_mut(&p) {
-                            r.buf.pop_front();
-                        }
-                    }
+                    None => return,
+                }
+            };
+            if self.session.stream_generation(b.stream) != Some(b.generation) {
+                // Read before the latest rewind of this stream: the replay brings these again.
+                self.pending = None;
+                continue;
+            }
+            let mut drop_rest = false;
+            while b.next < b.records.len() {
+                let r = &b.records[b.next];
+                match self.session.send_message(b.stream, b.generation, r.por, r.key.as_deref(), &r.payload) {
+                    Ok(_) => self.sent += 1,
+                    Err(SendError::NotReady) => break,
+                    Err(SendError::NotIncreasing { .. }) => {}
                     Err(_) => {
-                        if let Some(r) = self.readers.get_mut(&p) {
-                            r.buf.clear();
-                        }
+                        drop_rest = true;
                         break;
                     }
                 }
+                b.next += 1;
+            }
+            if drop_rest || b.next >= b.records.len() {
+                self.pending = None;
+            } else {
+                return;
             }
         }
     }
