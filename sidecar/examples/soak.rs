@@ -1,6 +1,6 @@
 //! Runs the deterministic simulation over many seeds and reports the failing ones.
 //!
-//! `cargo run -p wallaroo-connector --release --example soak -- --seeds 100000 [--start 0]`
+//! `cargo run -p wallaroo-connector --release --example soak -- --seeds 100000 [--start 0] [--first]`
 //! `cargo run -p wallaroo-connector --release --example soak -- --replay 1234 [--trace]` prints one seed's report
 //! (with `--trace`, every event of the run).
 use std::time::Instant;
@@ -27,6 +27,8 @@ fn main() {
     }
     let seeds = arg(&args, "--seeds").unwrap_or(10_000);
     let start = arg(&args, "--start").unwrap_or(0);
+    // Mutation testing: the first failing seed is all we need.
+    let stop_first = args.iter().any(|a| a == "--first");
     let began = Instant::now();
     let mut failed = Vec::new();
     let mut steps = 0u64;
@@ -36,6 +38,9 @@ fn main() {
         if !r.ok() {
             println!("{}", r.describe());
             failed.push(seed);
+            if stop_first {
+                break;
+            }
         }
         if (i + 1) % 10_000 == 0 {
             println!("{} seeds done, {} failed, {:.0?} elapsed", i + 1, failed.len(), began.elapsed());
