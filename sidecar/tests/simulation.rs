@@ -22,6 +22,13 @@ fn fixed_seeds_pass() {
     assert!(failures.is_empty(), "{} of {SEEDS} seeds failed:\n{}", failures.len(), failures.join("\n"));
 }
 
+/// Seeds that once found a real bug, pinned.
+#[test]
+fn regression_seeds() {
+    // 2660: a revoke's EOS was lost to a RESTART and the re-granted stream was never ended (`Book`, partitions.rs).
+    check(&dst::run(2660));
+}
+
 #[test]
 fn a_seed_replays_bit_for_bit() {
     for seed in [1u64, 7, 42, 1234, 99_999] {

@@ -694,7 +694,7 @@ impl Cluster {
             for (sid, cs) in c.streams.iter_mut() {
                 cs.last_acked = cs.last_seen;
                 cs.since_barrier.clear();
-                if self.active.get(sid).is_some() {
+                if self.active.contains_key(sid) {
                     snapshot.streams.insert(*sid, cs.last_acked);
                 }
             }
