@@ -12,9 +12,11 @@
 //! - [`pipe`]: simulated TCP connections.
 //! - [`log`]: the partitioned log (source upstream).
 //! - [`store`]: the transactional store (sink downstream), behind the real `SinkIntegration` contract.
-//! - [`cluster`]: the worker model (source registry, credits, checkpoints, rollbacks, the sink's 2PC).
+//! - [`cluster`]: the worker model: `source.rs` (connections, credits, registry, de-duplication), `sink.rs` (intro,
+//!   data behind the valve, 2PC replies), `checkpoint.rs` (barrier, completion, rollback window, RESTART).
 //! - [`connectors`]: the production sessions and the glue that drives them like the runtime's drivers.
-//! - [`world`]: the scheduler, the faults and the invariants.
+//! - [`world`]: the scheduler and the faults; `config.rs` (what a seed draws, the report), `checks.rs` (the
+//!   invariants).
 pub mod cluster;
 pub mod connectors;
 pub mod log;

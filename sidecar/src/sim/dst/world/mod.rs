@@ -1,131 +1,22 @@
 //! The seeded scheduler: every step picks one enabled event (a byte chunk delivered in either direction, a
 //! connector or worker action, a checkpoint step, or a fault drawn from the seed), applies it, and checks the
 //! invariants. Nothing here reads a clock, spawns a thread or iterates a hash map, so a seed replays bit for bit.
+mod checks;
+mod config;
+
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::Arc;
 
-use super::cluster::{Cluster, ClusterConfig, Ec, Origin};
+pub use config::{Config, Faults, Report, Violation};
+
+use super::cluster::{Cluster, ClusterConfig, Ec};
 use super::connectors::{SinkConnector, SourceConnector};
-use super::log::{PartitionedLog, parse_records};
+use super::log::PartitionedLog;
 use super::pipe::{SinkLink, SrcLink};
 use super::rng::{Rng, TraceHash};
 use super::store::MemStore;
-use crate::protocol::U64_MAX;
 use crate::protocol::sink::SinkSessionConfig;
 use crate::protocol::source::SourceSessionConfig;
-
-/// Which faults a run may inject (each seed enables a random subset, so some runs stay simple).
-#[derive(Debug, Clone, Copy, Default)]
-pub struct Faults {
-    pub src_drop: bool,
-    pub sink_drop: bool,
-    pub src_crash: bool,
-    pub sink_crash: bool,
-    pub worker_crash: bool,
-    pub other_abort: bool,
-    pub restart_other: bool,
-    pub outage: bool,
-    pub refuse: bool,
-    pub gap: bool,
-    pub phase2_noise: bool,
-}
-
-#[derive(Debug, Clone)]
-pub struct Config {
-    pub seed: u64,
-    pub workers: usize,
-    pub records: Vec<u64>,
-    pub max_credits: u32,
-    pub refill_credits: u32,
-    /// Faults stop after this step; then every stream must finish within `max_steps`.
-    pub fault_steps: u64,
-    pub max_steps: u64,
-    /// The worker the source connector is configured to connect to.
-    pub configured: usize,
-    pub sink_attempts: u32,
-    pub faults: Faults,
-    /// Keep every event in the report's `tail`, not only the last ones (for replaying a failure).
-    pub full_trace: bool,
-}
-
-impl Config {
-    pub fn from_seed(seed: u64) -> Self {
-        let mut r = Rng::new(seed ^ 0x0005_EED0_FD57);
-        let workers = r.range(2, 3) as usize;
-        let partitions = r.range(1, 4) as usize;
-        let records = (0..partitions).map(|_| r.range(1, 30)).collect();
-        let max_credits = r.range(3, 24) as u32;
-        let refill_credits = r.range(1, u64::from(max_credits / 2).max(1)) as u32;
-        let fault_steps = r.range(100, 1500);
-        let mut f = || r.chance(1, 2);
-        let faults = Faults {
-            src_drop: f(),
-            sink_drop: f(),
-            src_crash: f(),
-            sink_crash: f(),
-            worker_crash: f(),
-            other_abort: f(),
-            restart_other: f(),
-            outage: f(),
-            refuse: f(),
-            gap: f(),
-            phase2_noise: f(),
-        };
-        let configured = r.below(workers as u64) as usize;
-        Self {
-            seed,
-            workers,
-            records,
-            max_credits,
-            refill_credits,
-            fault_steps,
-            max_steps: fault_steps + 40_000,
-            configured,
-            sink_attempts: 3,
-            faults,
-            full_trace: false,
-        }
-    }
-}
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Violation {
-    pub step: u64,
-    pub what: String,
-}
-
-/// What a run produced: `violations` empty means it passed.
-#[derive(Debug, Clone)]
-pub struct Report {
-    pub seed: u64,
-    pub steps: u64,
-    /// Hash of every step's event: equal for two runs of one seed.
-    pub hash: u64,
-    pub violations: Vec<Violation>,
-    /// The last events before the end (or the first violation), for the failure message.
-    pub tail: Vec<String>,
-    pub summary: String,
-}
-
-impl Report {
-    pub fn ok(&self) -> bool {
-        self.violations.is_empty()
-    }
-
-    /// A failure message naming the seed, the step and how to replay it.
-    pub fn describe(&self) -> String {
-        let mut s = format!("seed {} failed after {} steps ({})\n", self.seed, self.steps, self.summary);
-        for v in self.violations.iter().take(10) {
-            s.push_str(&format!("  step {}: {}\n", v.step, v.what));
-        }
-        s.push_str("  last events:\n");
-        for t in &self.tail {
-            s.push_str(&format!("    {t}\n"));
-        }
-        s.push_str(&format!("  replay: wallaroo_connector::sim::dst::run({})\n", self.seed));
-        s
-    }
-}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Kind {
@@ -717,132 +608,6 @@ impl World {
                 }
                 format!("fault: w{w} sends Phase 2 ({commit}) for an unknown transaction")
             }
-        }
-    }
-
-    /// Invariants that hold after every step.
-    fn check_step(&mut self) {
-        // Sources never commit upstream past what the worker made durable.
-        for p in 0..self.log.partitions.len() {
-            let Some(next) = self.log.committed[p] else { continue };
-            let Some(sid) = self.src.stream_of(p) else { continue };
-            let durable_next = self.cluster.durable.get(&sid).map_or(0, |d| *d as i64 + 1);
-            if next > durable_next {
-                self.violate(format!(
-                    "partition {p}: group offset committed at {next}, but the worker made only offsets < {durable_next} durable"
-                ));
-            }
-        }
-        // The store's committed data is a prefix of what the worker checkpointed: nothing from an aborted round.
-        let mut bad = Vec::new();
-        self.store.with(|s| {
-            for sink in &self.cluster.sinks {
-                let committed = s.workers.get(&sink.name).map(|d| d.committed.as_slice()).unwrap_or(&[]);
-                if committed.len() > sink.durable_out.len() || committed != &sink.durable_out[..committed.len()] {
-                    bad.push(format!(
-                        "{}: the store committed {} bytes that are not the worker's checkpointed output ({} bytes): {:?} vs {:?}",
-                        sink.name,
-                        committed.len(),
-                        sink.durable_out.len(),
-                        String::from_utf8_lossy(committed),
-                        String::from_utf8_lossy(&sink.durable_out)
-                    ));
-                }
-            }
-        });
-        for b in bad {
-            self.violate(b);
-        }
-    }
-
-    fn done(&self) -> bool {
-        self.src.revoked
-            && self.src.session.all_finished()
-            && !self.cluster.checkpoint_in_flight()
-            && self.cluster.rolling_back.is_none()
-            && self.src_links.values().all(|l| l.to_worker.is_empty() && l.to_conn.is_empty())
-            && self.sink_links.values().all(|l| l.to_worker.is_empty() && l.to_sink.is_empty())
-            && self.store.with(|s| {
-                self.cluster.sinks.iter().all(|k| {
-                    let d = s.workers.get(&k.name);
-                    k.last == k.current
-                        && d.is_none_or(|d| d.pending.is_none())
-                        && d.map_or(0, |d| d.committed.len() as u64) == k.last
-                })
-            })
-    }
-
-    fn diagnose(&self) -> String {
-        format!(
-            "revoke_started={} streaming={} credits={} revoked={} all_finished={} open={:?} committed={:?} sizes={:?} rolling_back={:?} in_flight={} sinks={:?} links={} registry: {}",
-            self.src.revoke_started,
-            self.src.session.is_streaming(),
-            self.src.session.credits(),
-            self.src.revoked,
-            self.src.session.all_finished(),
-            self.src.open,
-            self.log.committed,
-            self.cfg.records,
-            self.cluster.rolling_back,
-            self.cluster.checkpoint_in_flight(),
-            self.cluster
-                .sinks
-                .iter()
-                .map(|s| format!("{}:{:?}/last={}/cur={}/abort_next={}", s.name, s.ec, s.last, s.current, s.abort_next))
-                .collect::<Vec<_>>(),
-            self.src_links.len(),
-            self.cluster.registry_dump()
-        )
-    }
-
-    /// End of run: every record reached the store's committed data exactly once (or, for records a plain
-    /// connection drop made the worker process twice, at most once per such drop more).
-    fn check_end(&mut self) {
-        for p in 0..self.log.partitions.len() {
-            let len = self.log.len(p) as i64;
-            if self.log.committed[p] != Some(len) {
-                self.violate(format!(
-                    "partition {p}: group offset {:?} at the end, log has {len} records",
-                    self.log.committed[p]
-                ));
-            }
-        }
-        let mut counts: BTreeMap<(u32, u64), u32> = BTreeMap::new();
-        let mut bad = Vec::new();
-        self.store.with(|s| {
-            for sink in &self.cluster.sinks {
-                let committed = s.workers.get(&sink.name).map(|d| d.committed.clone()).unwrap_or_default();
-                if committed != sink.durable_out {
-                    bad.push(format!("{}: committed data differs from the worker's checkpointed output", sink.name));
-                }
-                match parse_records(&committed) {
-                    Some(recs) => {
-                        for r in recs {
-                            *counts.entry(r).or_insert(0) += 1;
-                        }
-                    }
-                    None => bad.push(format!("{}: committed data holds bytes no record produced", sink.name)),
-                }
-            }
-        });
-        for (p, &n) in self.cfg.records.iter().enumerate() {
-            let sid = self.src.stream_of(p).unwrap_or(U64_MAX);
-            for o in 0..n {
-                let c = counts.remove(&(p as u32, o)).unwrap_or(0);
-                let allowed =
-                    1 + self.cluster.replay_allowance.get(&Origin { stream: sid, id: o }).copied().unwrap_or(0);
-                if c == 0 {
-                    bad.push(format!("record p{p}o{o} never reached the store's committed data"));
-                } else if c > allowed {
-                    bad.push(format!("record p{p}o{o} committed {c} times (at most {allowed} allowed)"));
-                }
-            }
-        }
-        for (r, c) in counts {
-            bad.push(format!("the store committed {c} copies of {r:?}, which the log does not hold"));
-        }
-        for b in bad {
-            self.violate(b);
         }
     }
 }
