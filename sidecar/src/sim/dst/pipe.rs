@@ -101,3 +101,21 @@ pub struct SinkLink {
     pub to_sink: Pipe,
     pub to_worker: Pipe,
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn credits_count_only_once_their_frame_is_complete() {
+        let mut p = Pipe::default();
+        p.push_frame(&Frame::Ok { initial_credits: 5 }, 5).unwrap();
+        p.push_frame(&Frame::Ack { credits: 3, acks: vec![] }, 3).unwrap();
+        // OK is 9 bytes on the wire: 8 of them deliver no credit, the 9th delivers 5.
+        assert_eq!(p.take(8).1, 0);
+        assert_eq!(p.take(1).1, 5);
+        let (rest, credits) = p.take(usize::MAX);
+        assert_eq!(credits, 3);
+        assert!(!rest.is_empty() && p.is_empty());
+    }
+}

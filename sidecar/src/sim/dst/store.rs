@@ -167,3 +167,42 @@ impl SinkIntegration for MemStore {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use bytes::Bytes;
+    use futures::executor::block_on;
+
+    use super::*;
+
+    fn txn(id: &str, start: u64, end: u64) -> Txn {
+        Txn { id: Bytes::from(id.to_string()), start, end }
+    }
+
+    #[test]
+    fn prepared_survives_recover_and_staged_does_not() {
+        let s = MemStore::new(Rng::new(1));
+        let rec = |o: u64, p: &'static str| SinkRecord { offset: o, payload: Bytes::from_static(p.as_bytes()) };
+        block_on(s.stage("w", vec![rec(0, "ab")])).unwrap();
+        block_on(s.prepare("w", &txn("t1", 0, 2))).unwrap();
+        block_on(s.stage("w", vec![rec(2, "cd")])).unwrap();
+        let r = block_on(s.recover("w")).unwrap();
+        assert_eq!(r.committed, Some(0));
+        assert_eq!(r.pending, Some(txn("t1", 0, 2)));
+        block_on(s.commit("w", &txn("t1", 0, 2))).unwrap();
+        // Idempotent after a crash.
+        block_on(s.commit("w", &txn("t1", 0, 2))).unwrap();
+        s.with(|st| {
+            assert_eq!(st.workers["w"].committed, b"ab");
+            assert!(st.violations.is_empty());
+        });
+    }
+
+    #[test]
+    fn a_second_pending_transaction_is_a_violation() {
+        let s = MemStore::new(Rng::new(1));
+        block_on(s.prepare("w", &txn("t1", 0, 0))).unwrap();
+        assert!(block_on(s.prepare("w", &txn("t2", 0, 0))).is_err());
+        s.with(|st| assert_eq!(st.violations.len(), 1));
+    }
+}
