@@ -413,9 +413,8 @@ impl World {
     fn apply(&mut self, kind: Kind) -> String {
         match kind {
             Kind::SrcToWorker(id) => {
-                let Some(l) = self.src_links.get_mut(&id) else { return format!("{kind:?} gone") };
-                let n = l.to_worker.len();
-                let n = if self.rng.chance(1, 2) { n } else { self.rng.range(1, n as u64) as usize };
+                let n = self.src_links.get(&id).map_or(0, |l| l.to_worker.len());
+                let n = self.chunk(n);
                 let Some(l) = self.src_links.get_mut(&id) else { return String::new() };
                 let (chunk, _) = l.to_worker.take(n);
                 self.cluster.src_receive(id, l, &chunk);
