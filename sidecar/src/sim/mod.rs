@@ -7,6 +7,7 @@
 //!   resolution of a pending transaction through ListUncommitted after a reconnect.
 pub mod apps;
 pub mod cli;
+pub mod dst;
 mod sink_sim;
 mod source_sim;
 

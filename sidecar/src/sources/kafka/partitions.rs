@@ -201,6 +201,11 @@ impl Book {
                         at: start_at(from, start_from),
                         epoch: generation,
                     }));
+                } else if p.draining {
+                    // Granted again while its revoke drains (the connection was lost mid-drain): the session keeps
+                    // an end request per generation, so the EOS must be asked for again, or the drain waits for
+                    // its deadline. Found by the simulation (seed 2660).
+                    out.push(Out::Emit(Emit::End { stream, generation }));
                 }
             }
             Command::Durable { stream, through } => {
@@ -334,6 +339,21 @@ mod tests {
         assert!(matches!(&out[..], [Out::Control(Control::RevokeDone)]));
         assert!(!b.revoking());
         assert!(!b.owns(id(&a)));
+    }
+
+    #[test]
+    fn a_stream_granted_again_while_draining_is_ended_again() {
+        // Simulation seed 2660: the revoke's EOS was queued, the connection was lost (RESTART), the stream was
+        // granted again at a new generation, and without a new end request the drain never completed.
+        let mut b = Book::new(StartFrom::Earliest);
+        let tp = Tp::new("t", 0);
+        b.assigned(vec![tp.clone()]);
+        b.command(Command::Start { stream: id(&tp), from: Position::Beginning, generation: 1 });
+        b.revoking_started(vec![tp.clone()], Instant::now() + Duration::from_secs(10));
+        let out = b.command(Command::Start { stream: id(&tp), from: Position::After(12), generation: 2 });
+        assert!(matches!(&out[..], [Out::Emit(Emit::End { generation: 2, .. })]), "{out:?}");
+        let out = b.command(Command::Finished { stream: id(&tp) });
+        assert!(matches!(&out[..], [Out::Control(Control::RevokeDone)]));
     }
 
     #[test]
