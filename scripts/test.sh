@@ -38,6 +38,9 @@ run "cargo test (unit, conformance, integrations, operator)" cargo test --worksp
 if [ -x tests/k8s/run.sh ]; then
   run "operator: API emulator end to end, Helm chart" tests/k8s/run.sh
 fi
+run "chaos: file source -> worker model -> PostgreSQL sink under kill -9 and PostgreSQL restarts (short)" \
+  python3 tests/chaos/run.py --seconds 20 --records 300000 --seed "${CHAOS_SEED:-7}" \
+  --bin "$CARGO_TARGET_DIR/debug/wallaroo-connector"
 run "celsius demo" ./examples/celsius/run.sh
 
 echo

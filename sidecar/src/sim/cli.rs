@@ -2,6 +2,7 @@
 //! With both `--source-listen` and `--sink-connect` it is a tiny pipeline: source connector -> application
 //! function -> sink connector, with one checkpoint driving both sides (sink Phase 1, then the source ACKs and
 //! the sink Phase 2; an abort vote rolls both back).
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::time::Duration;
 
@@ -93,6 +94,8 @@ pub async fn run(args: SimArgs, shutdown: CancellationToken) -> anyhow::Result<(
     let mut tick = tokio::time::interval(period);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut processed: u64 = 0;
+    // Per stream, the last message handed downstream: what the next barrier covers.
+    let mut emitted: HashMap<u64, u64> = HashMap::new();
     loop {
         tokio::select! {
             p = rx.recv(), if source.is_some() => {
@@ -102,10 +105,12 @@ pub async fn run(args: SimArgs, shutdown: CancellationToken) -> anyhow::Result<(
                     continue;
                 }
                 processed += 1;
+                emitted.insert(p.stream_id, p.message_id);
                 if let Some(out) = app(&p.payload)
                     && let Err(e) = emit(&out, &args, &mut stdout, &mut save, &mut sink).await
                 {
                     sink_failed(&source, &mut sink, &e);
+                    emitted.clear();
                 }
                 if let Some(src) = &source {
                     if args.restart_every.is_some_and(|n| n > 0 && processed.is_multiple_of(n)) {
@@ -118,13 +123,14 @@ pub async fn run(args: SimArgs, shutdown: CancellationToken) -> anyhow::Result<(
                     }
                 }
                 if args.exit_after.is_some_and(|n| processed >= n) {
-                    checkpoint(&source, &mut sink, &mut rx, &args, &mut stdout, &mut save).await?;
+                    checkpoint(&source, &mut sink, &mut rx, &args, &mut stdout, &mut save, &mut emitted).await?;
                     break;
                 }
             }
             _ = tick.tick(), if sink.is_some() => {
-                if let Err(e) = checkpoint(&source, &mut sink, &mut rx, &args, &mut stdout, &mut save).await {
+                if let Err(e) = checkpoint(&source, &mut sink, &mut rx, &args, &mut stdout, &mut save, &mut emitted).await {
                     sink_failed(&source, &mut sink, &e);
+                    emitted.clear();
                 }
             }
             _ = shutdown.cancelled() => break,
@@ -204,6 +210,7 @@ async fn checkpoint(
     args: &SimArgs,
     stdout: &mut tokio::io::Stdout,
     save: &mut Option<tokio::fs::File>,
+    emitted: &mut HashMap<u64, u64>,
 ) -> anyhow::Result<()> {
     let app = apps::by_name(&args.app).unwrap_or(apps::identity);
     let epoch = source.as_ref().map_or(0, |s| s.epoch());
@@ -211,6 +218,7 @@ async fn checkpoint(
         if p.epoch < epoch {
             continue;
         }
+        emitted.insert(p.stream_id, p.message_id);
         if let Some(out) = app(&p.payload) {
             emit(&out, args, stdout, save, sink).await?;
         }
@@ -226,13 +234,16 @@ async fn checkpoint(
     }
     match s.phase1().await {
         Ok(true) => {
+            // The barrier covers exactly what reached the sink in this round, not what the source listener
+            // processed meanwhile (that goes into the next round).
             if let Some(src) = source {
-                src.checkpoint_now();
+                src.checkpoint_through(emitted);
             }
             s.phase2_commit().await?;
         }
         Ok(false) | Err(_) => {
             tracing::warn!("sink round aborted: rolling back");
+            emitted.clear();
             s.rollback_round();
             if let Some(src) = source {
                 src.restart_connections();

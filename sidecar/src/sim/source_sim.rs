@@ -79,6 +79,7 @@ pub struct SimStats {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Processed {
     pub stream: Bytes,
+    pub stream_id: u64,
     pub message_id: u64,
     pub payload: Bytes,
     /// Rollbacks before this message was processed: a consumer drops messages of an older epoch, which a
@@ -319,6 +320,7 @@ impl SourceSimState {
                     }
                     out.push(Processed {
                         stream: rec.name.clone(),
+                        stream_id: m.stream_id,
                         message_id: m.message_id,
                         payload: m.payload,
                         epoch: self.epoch,
@@ -355,6 +357,12 @@ impl SourceSimState {
     /// Barrier and completion in one step (spec 2.7): acked = last seen, one ACK per connection that tops up
     /// credits and lists every stream, EOS'd streams are acked and relinquished.
     fn checkpoint(&mut self) {
+        self.checkpoint_through(None);
+    }
+
+    /// A checkpoint whose barrier covers, per stream id, only what the pipeline passed on (`through`): what was
+    /// processed after it stays unacknowledged and is replayed after a rollback. `None`: everything seen.
+    fn checkpoint_through(&mut self, through: Option<&HashMap<u64, u64>>) {
         self.checkpoint_id += 1;
         self.stats.checkpoints += 1;
         let id = self.checkpoint_id;
@@ -377,18 +385,24 @@ impl SourceSimState {
             let mut entries = Vec::new();
             let mut closing = Vec::new();
             for (&sid, cs) in c.streams.iter() {
-                if let Some(rec) = self.streams.get_mut(&sid) {
-                    rec.last_acked = cs.last_seen;
-                    rec.committed_len = rec.processed.len();
-                    rec.committed_count = rec.processed_count;
-                }
+                let Some(rec) = self.streams.get_mut(&sid) else { continue };
+                let point = match through {
+                    None => cs.last_seen,
+                    Some(m) => m
+                        .get(&sid)
+                        .map_or(rec.last_acked, |&p| if cs.last_seen == U64_MAX { p } else { p.min(cs.last_seen) }),
+                };
+                rec.last_acked = point;
+                rec.committed_len = rec.processed.len();
+                rec.committed_count = rec.processed_count;
                 match cs.close_on_or_after {
-                    Some(at) if at <= id => {
-                        entries.push((sid, cs.last_seen));
+                    // A stream closes only once the barrier covers everything it sent.
+                    Some(at) if at <= id && point == cs.last_seen => {
+                        entries.push((sid, point));
                         closing.push(sid);
                     }
                     Some(_) => {}
-                    None => entries.push((sid, cs.last_seen)),
+                    None => entries.push((sid, point)),
                 }
             }
             for sid in closing {
@@ -543,6 +557,11 @@ impl SourceSim {
     /// Completes a checkpoint now (sends the ACKs).
     pub fn checkpoint_now(&self) {
         lock(&self.state).checkpoint();
+    }
+    /// Completes a checkpoint whose barrier covers, per stream id, messages up to the given id (what the
+    /// pipeline delivered downstream before the barrier).
+    pub fn checkpoint_through(&self, through: &HashMap<u64, u64>) {
+        lock(&self.state).checkpoint_through(Some(through));
     }
     /// Fault: stop (or resume) completing checkpoints; credit refills continue.
     pub fn stall_acks(&self, stalled: bool) {
