@@ -9,6 +9,8 @@ cache="${WALLAROO_CACHE:-$HOME/.cache/wallaroo-connectors}"
 mkdir -p "$cache"
 # Build outputs live outside the clone so repeated runs are incremental.
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$cache/target}"
+# One build per run: incremental caches would only add ~10 GB of disk (the machines' disk is shared and small).
+export CARGO_INCREMENTAL="${CARGO_INCREMENTAL:-0}"
 export WALLAROO_SPEC_DIR="${WALLAROO_SPEC_DIR:-$root/../shared/spec}"
 
 step() { printf '\n==> %s\n' "$*"; }

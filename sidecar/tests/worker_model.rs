@@ -243,3 +243,29 @@ async fn a_non_resilient_worker_confirms_eos_at_once() {
     assert_eq!(sim.processed("p0").len(), 1_000);
     sim.with(clean);
 }
+
+#[tokio::test]
+async fn a_muted_worker_answers_hello_only_after_checkpoint_one_and_the_source_waits() {
+    let mut cfg = strict(Leader::Local);
+    cfg.mute_until_first_checkpoint = true;
+    let sim = SourceSim::start(cfg).await.unwrap();
+    let task = run_offsets(&sim, sim.addr().to_string(), 100).await;
+    // Connected at TCP level, but no OK: nothing may be processed, and the source must not give up.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(sim.processed_total(), 0);
+    assert_eq!(sim.with(|s| s.connected()), 0, "HELLO answered while muted");
+    assert!(!task.is_finished(), "the source gave up while the worker was muted");
+    sim.checkpoint_now();
+    // Unmuted: from here on checkpoints come from the test.
+    assert!(sim.wait_until(Duration::from_secs(20), |s| s.processed_count("p0") == 100).await);
+    for _ in 0..50 {
+        sim.checkpoint_now();
+        if task.is_finished() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let outcome = tokio::time::timeout(Duration::from_secs(10), task).await.expect("finishes").unwrap();
+    assert_eq!(outcome, SourceOutcome::Completed);
+    sim.with(clean);
+}

@@ -31,6 +31,9 @@ pub struct SourceSimConfig {
     /// How long a rollback lasts (spec 2.9): connections made meanwhile get their NOTIFYs refused and their
     /// MESSAGEs dropped, then a RESTART.
     pub rollback_window: Duration,
+    /// Resilient workers keep source listeners muted until checkpoint 1 completes (spec 2.1): connections are
+    /// accepted but HELLO is neither read nor answered until then.
+    pub mute_until_first_checkpoint: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -52,6 +55,7 @@ impl Default for SourceSimConfig {
             leader: Leader::Local,
             resilient: true,
             rollback_window: Duration::ZERO,
+            mute_until_first_checkpoint: false,
         }
     }
 }
@@ -704,6 +708,17 @@ async fn connection(
         }
         let _ = wr.shutdown().await;
     });
+    // Muted: the connection is up, but nothing is read until the first checkpoint completes.
+    loop {
+        let muted = {
+            let s = lock(&state);
+            s.cfg.mute_until_first_checkpoint && s.checkpoint_id == 0
+        };
+        if !muted || stop.is_cancelled() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     let codec = FrameCodec::new(DEFAULT_MAX_FRAME);
     let mut buf = BytesMut::with_capacity(256 * 1024);
     let mut processed = Vec::new();
