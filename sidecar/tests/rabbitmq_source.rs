@@ -187,6 +187,32 @@ async fn acks_upstream_only_after_the_worker_acknowledged() {
 }
 
 #[tokio::test]
+async fn an_ack_beyond_what_was_sent_acks_nothing_at_the_broker() {
+    // 100 queued, the worker takes 5 and ACKs 2^63: the other 95 were never delivered to it and must stay in the
+    // queue (before the session refused such ACKs, a kill -9 then left 0 of them).
+    let queue = unique("q");
+    declare(&queue).await;
+    publish(&queue, 0, 100).await;
+    let sim = SourceSim::start(SourceSimConfig {
+        max_credits: 6,
+        refill_credits: 1,
+        checkpoint_every: None,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    sim.stall_credits(true);
+    let name = format!("rabbitmq:{queue}");
+    let mut sidecar = Sidecar::start(&manifest(sim.addr().port(), 5672, &queue, 1000));
+    assert!(sim.wait_until(WAIT, |s| s.processed_count(&name) == 5).await, "{}", sidecar.log_text());
+    assert!(sim.inject_ack(&name, 1 << 63));
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    sidecar.kill9();
+    assert!(wait_ready(&queue, 100).await, "messages never delivered to the worker were acked at the broker");
+    delete(&queue).await;
+}
+
+#[tokio::test]
 async fn kill9_mid_stream_loses_nothing_and_a_clean_restart_redelivers_nothing() {
     let queue = unique("q");
     declare(&queue).await;
