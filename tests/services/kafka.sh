@@ -113,6 +113,9 @@ transaction.state.log.num.partitions=5
 share.coordinator.state.topic.replication.factor=1
 share.coordinator.state.topic.min.isr=1
 group.initial.rebalance.delay.ms=0
+# The log cleaner allocates its dedupe buffer (128 MiB by default) at start-up: with the small test heaps (256 MiB
+# for private brokers) that was an intermittent OutOfMemoryError. The test topics need a few MiB at most.
+log.cleaner.dedupe.buffer.size=8388608
 PROPS
   cat >"$DIR/log4j2.properties" <<'LOG'
 appender.out.type=Console
