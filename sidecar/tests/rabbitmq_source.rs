@@ -197,15 +197,7 @@ async fn an_ack_beyond_what_was_sent_acks_nothing_at_the_broker() {
     let queue = unique("q");
     declare(&queue).await;
     publish(&queue, 0, 100).await;
-    let sim = SourceSim::start(SourceSimConfig {
-        max_credits: 6,
-        refill_credits: 1,
-        checkpoint_every: None,
-        ..Default::default()
-    })
-    .await
-    .unwrap();
-    sim.stall_credits(true);
+    let sim = rr_support::worker_taking(5).await;
     let name = format!("rabbitmq:{queue}");
     let mut sidecar = Sidecar::start(&manifest(sim.addr().port(), 5672, &queue, 1000));
     assert!(sim.wait_until(WAIT, |s| s.processed_count(&name) == 5).await, "{}", sidecar.log_text());

@@ -211,15 +211,7 @@ async fn stream_an_ack_beyond_what_was_sent_commits_nothing() {
     // were never delivered, and after a crash they would be gone.
     let (key, group) = (unique("stream"), unique("group"));
     let want = xadd(&key, 0, 100).await;
-    let sim = SourceSim::start(SourceSimConfig {
-        max_credits: 6,
-        refill_credits: 1,
-        checkpoint_every: None,
-        ..Default::default()
-    })
-    .await
-    .unwrap();
-    sim.stall_credits(true);
+    let sim = rr_support::worker_taking(5).await;
     let name = format!("redis:{key}");
     let manifest = stream_manifest(sim.addr().port(), 6379, &key, &group, "c1", "");
     let mut sidecar = Sidecar::start(&manifest);

@@ -165,3 +165,19 @@ impl Drop for Proxy {
         self.stop.cancel();
     }
 }
+
+/// A worker that takes exactly `n` records and then grants nothing more (refills held back, no checkpoints): the
+/// setup for checking what a source commits upstream when the worker misbehaves after those `n`.
+pub async fn worker_taking(n: u32) -> wallaroo_connector::sim::SourceSim {
+    let sim = wallaroo_connector::sim::SourceSim::start(wallaroo_connector::sim::SourceSimConfig {
+        // One credit goes to the NOTIFY.
+        max_credits: n + 1,
+        refill_credits: 1,
+        checkpoint_every: None,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    sim.stall_credits(true);
+    sim
+}
